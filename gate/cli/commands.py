@@ -1,0 +1,198 @@
+"""Subcommand handlers. Each returns an exit code; only this layer writes files or prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gate.report.schema import Report
+
+STEP_SUMMARY_LIMIT = 1024 * 1024
+
+
+def baseline_build(args: argparse.Namespace) -> int:
+    from gate.fingerprint.baseline import save_baseline
+    from gate.scan import DEFAULT_REPRESENTATION, build_baseline
+
+    data = _load_data(args.data)
+    built = build_baseline(
+        args.models,
+        data=data,
+        input_shape=args.input_shape,
+        layer=args.layer,
+        seed=args.seed,
+        representation=args.representation or DEFAULT_REPRESENTATION,
+    )
+    out = Path(args.out)
+    save_baseline(out, built.manifest, built.fingerprints, built.probes)
+    m = built.manifest
+    print(
+        f"baseline written to {out}: {len(m.references)} references, layer {m.layer!r}, "
+        f"representation {m.representation}, {m.probes.count} probes"
+    )
+    if len(m.references) < 10:
+        print(
+            f"gate: warning: only {len(m.references)} references; 10 or more give sharper p-values",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def baseline_show(args: argparse.Namespace) -> int:
+    from gate.fingerprint.baseline import load_baseline
+
+    baseline = load_baseline(args.dir)
+    print(json.dumps(baseline.manifest.model_dump(mode="json"), indent=2, sort_keys=True))
+    return 0
+
+
+def scan(args: argparse.Namespace) -> int:
+    from gate.fingerprint.baseline import load_baseline
+    from gate.policy import load_policy
+    from gate.report.formats import parse_formats
+    from gate.scan import scan as run_scan
+
+    policy = load_policy(args.policy)
+    formats = parse_formats(args.format)
+    baseline = load_baseline(args.baseline)
+    data = _load_data(args.data)
+    report = run_scan(args.model, baseline, data, policy, layer=args.layer, seed=args.seed)
+    _emit(report, formats, Path(args.report_dir), quiet=args.quiet)
+    return 1 if report.verdict == "fail" else 0
+
+
+def ac(args: argparse.Namespace) -> int:
+    from gate.policy import load_policy
+    from gate.report.formats import parse_formats
+    from gate.scan import scan as run_scan
+
+    policy = load_policy(args.policy)
+    formats = parse_formats(args.format)
+    # `gate ac` is a scan with activation clustering only: fingerprinting is not asked for.
+    policy = policy.model_copy(update={"required_checks": ("activation_clustering",)})
+    data = _load_data(args.data)
+    report = run_scan(args.model, None, data, policy, layer=args.layer, seed=args.seed)
+    _emit(report, formats, Path(args.report_dir), quiet=args.quiet)
+    return 1 if report.verdict == "fail" else 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gate.errors import UsageError
+    from gate.models import load_model
+
+    model = load_model(args.model)
+    data = _load_data(args.data)
+    shape = data.input_shape if data is not None else args.input_shape
+    print(f"{model.path}  format={model.format}  sha256={model.sha256}")
+    names = model.layer_names()
+    default = model.default_layer() if _has_default(model) else None
+    if shape is None:
+        for name in names:
+            print(f"  {name}{'  <- default' if name == default else ''}")
+        print("(pass --input-shape C,H,W or --data to see output shapes)")
+        return 0
+    probe = np.zeros((1, *shape), dtype=np.float32) if data is None else data.x[:1]
+    from gate.errors import ModelLoadError
+
+    try:
+        res = model.forward(probe, names)
+    except ModelLoadError as exc:
+        raise UsageError(f"{exc} (is --input-shape right?)") from None
+    kinds: dict[str, str] = getattr(model, "layer_kinds", dict)()
+    width = max((len(n) for n in names), default=10)
+    print(f"  {'layer'.ljust(width)}  {'kind':24}  output shape")
+    for name in names:
+        shp = "x".join(str(d) for d in res.activations[name].shape[1:])
+        mark = "  <- default (last hidden layer)" if name == default else ""
+        print(f"  {name.ljust(width)}  {kinds.get(name, ''):24}  {shp}{mark}")
+    print(
+        f"  {'(output)'.ljust(width)}  {'':24}  {'x'.join(str(d) for d in res.outputs.shape[1:])}"
+    )
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from gate.demo.run import run_demo
+
+    return run_demo(Path(args.workdir))
+
+
+def policy_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gate.policy import load_policy
+
+    policy = load_policy(args.name)
+    print(yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def policy_validate(args: argparse.Namespace) -> int:
+    from gate.errors import PolicyError
+    from gate.policy import load_policy
+
+    if not Path(args.file).is_file():
+        raise PolicyError(f"policy file not found: {args.file}")
+    policy = load_policy(args.file)
+    print(f"{args.file}: valid policy {policy.name!r}")
+    return 0
+
+
+def _has_default(model: object) -> bool:
+    from gate.errors import LayerError
+
+    try:
+        model.default_layer()  # type: ignore[attr-defined]
+    except LayerError:
+        return False
+    return True
+
+
+def _load_data(path: str | None):  # type: ignore[no-untyped-def]
+    if path is None:
+        return None
+    from gate.data import load_npz
+
+    return load_npz(path)
+
+
+def write_reports(report: Report, formats: list, report_dir: Path) -> list[Path]:  # type: ignore[type-arg]
+    from gate._io import write_text_atomic
+
+    written = []
+    for fmt in formats:
+        path = report_dir / fmt.filename
+        write_text_atomic(path, fmt.render(report))
+        written.append(path)
+    return written
+
+
+def _emit(report: Report, formats: list, report_dir: Path, quiet: bool) -> None:  # type: ignore[type-arg]
+    from gate.report.formats import FORMATS
+
+    written = write_reports(report, formats, report_dir)
+    summary = FORMATS["markdown"].render(report)
+    if not quiet:
+        print(summary)
+        print(f"reports: {', '.join(str(p) for p in written)}")
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        _append_step_summary(Path(step_summary), summary)
+
+
+def _append_step_summary(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    if len(data) > STEP_SUMMARY_LIMIT - 1024:
+        note = (
+            "\n\n_(summary truncated to fit GitHub's 1 MiB step-summary limit; see report.json)_\n"
+        )
+        data = data[: STEP_SUMMARY_LIMIT - 1024].decode("utf-8", "ignore").encode() + note.encode()
+    with open(path, "ab") as fh:
+        fh.write(data)

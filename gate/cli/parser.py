@@ -1,0 +1,122 @@
+"""The argument parser. Only argparse here: handlers import the heavy modules lazily."""
+
+from __future__ import annotations
+
+import argparse
+
+from gate._version import __version__
+from gate.cli import commands
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 1,8,8, got {text!r}"
+        ) from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gate",
+        description="Block backdoored ML models in CI by inspecting their activations.",
+        epilog="Exit codes: 0 pass or warn, 1 policy failure, 2 usage or tool error.",
+    )
+    p.add_argument("--version", action="version", version=f"gate {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    bl = sub.add_parser("baseline", help="build or show a baseline of known-clean models")
+    blsub = bl.add_subparsers(title="baseline commands", metavar="COMMAND")
+    build = blsub.add_parser(
+        "build", help="fingerprint known-clean models into a baseline directory"
+    )
+    build.add_argument("models", nargs="+", metavar="MODEL")
+    build.add_argument("--out", required=True, metavar="DIR", help="baseline directory to write")
+    build.add_argument("--data", metavar="DATA.npz", help="take real probes from this data set")
+    build.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="per-sample input shape for synthetic probes (when no --data)",
+    )
+    build.add_argument(
+        "--layer", metavar="NAME", help="layer to fingerprint (default: last hidden)"
+    )
+    build.add_argument(
+        "--representation",
+        default=None,
+        metavar="REP",
+        help="raw, logits, gram, or a '+' combination (default: gram+logits)",
+    )
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=commands.baseline_build)
+    show = blsub.add_parser("show", help="print a baseline's manifest")
+    show.add_argument("dir", metavar="DIR")
+    show.set_defaults(handler=commands.baseline_show)
+
+    scan = sub.add_parser(
+        "scan", help="scan a candidate model against a baseline and apply a policy"
+    )
+    scan.add_argument("model", metavar="MODEL")
+    scan.add_argument("--baseline", required=True, metavar="DIR")
+    scan.add_argument(
+        "--data", metavar="DATA.npz", help="training data: also run activation clustering"
+    )
+    scan.add_argument(
+        "--policy",
+        metavar="NAME_OR_FILE",
+        help="shipped policy name or YAML file (default: default)",
+    )
+    scan.add_argument("--report-dir", default="gate-report", metavar="DIR")
+    scan.add_argument(
+        "--format",
+        default=None,
+        metavar="FMT[,FMT]",
+        help="report formats (default: markdown,json)",
+    )
+    scan.add_argument("--layer", metavar="NAME", help="layer for activation clustering")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--quiet", action="store_true", help="do not print the summary")
+    scan.set_defaults(handler=commands.scan)
+
+    ac = sub.add_parser("ac", help="per-class activation clustering on a training set")
+    ac.add_argument("model", metavar="MODEL")
+    ac.add_argument("--data", required=True, metavar="DATA.npz")
+    ac.add_argument("--policy", metavar="NAME_OR_FILE")
+    ac.add_argument("--report-dir", default="gate-report", metavar="DIR")
+    ac.add_argument("--format", default=None, metavar="FMT[,FMT]")
+    ac.add_argument("--layer", metavar="NAME")
+    ac.add_argument("--seed", type=int, default=0)
+    ac.add_argument("--quiet", action="store_true")
+    ac.set_defaults(handler=commands.ac)
+
+    inspect = sub.add_parser("inspect", help="list a model's layers and their output shapes")
+    inspect.add_argument("model", metavar="MODEL")
+    inspect.add_argument("--input-shape", type=_shape, metavar="C,H,W")
+    inspect.add_argument("--data", metavar="DATA.npz", help="take the input shape from this data")
+    inspect.set_defaults(handler=commands.inspect)
+
+    demo = sub.add_parser(
+        "demo", help="train a digits model family, build a baseline, scan two candidates"
+    )
+    demo.add_argument(
+        "--workdir",
+        default=".gate-cache/demo",
+        metavar="DIR",
+        help="where trained models and reports are cached",
+    )
+    demo.set_defaults(handler=commands.demo)
+
+    pol = sub.add_parser("policy", help="show or validate policies")
+    polsub = pol.add_subparsers(title="policy commands", metavar="COMMAND")
+    pshow = polsub.add_parser("show", help="print a policy with every default filled in")
+    pshow.add_argument("name", nargs="?", default="default", metavar="NAME_OR_FILE")
+    pshow.set_defaults(handler=commands.policy_show)
+    pval = polsub.add_parser("validate", help="check a policy file")
+    pval.add_argument("file", metavar="FILE")
+    pval.set_defaults(handler=commands.policy_validate)
+    return p

@@ -1,0 +1,1 @@
+"""The embedded default: a family of digit classifiers trained on scikit-learn's load_digits."""

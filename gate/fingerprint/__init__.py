@@ -1,0 +1,1 @@
+"""Fingerprints: probe sets, representations of a model's response, and baselines."""

@@ -1,0 +1,185 @@
+"""Baselines: reference fingerprints of known-clean models, plus a validated manifest.
+
+A baseline directory holds ``baseline.json`` (pydantic-validated) and ``fingerprints.npz``
+(read with ``allow_pickle=False``). Nothing in it is pickled: detectors are refit from the
+stored fingerprints at scan time, deterministically, and calibration scores are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gate._io import write_npz, write_text_atomic
+from gate._version import __version__
+from gate.errors import BaselineError
+from gate.fingerprint.probes import PROBE_KINDS, ProbeSet, probe_hash
+from gate.models.base import Array
+
+MANIFEST = "baseline.json"
+ARRAYS = "fingerprints.npz"
+SCHEMA_VERSION = 1
+MIN_REFERENCES = 3
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProbeInfo(_Frozen):
+    sha256: str
+    count: int
+    kinds: dict[str, int]
+    seed: int
+    source: str = Field(description="'synthetic' or 'data:<sha256 of x>'")
+
+
+class ReferenceInfo(_Frozen):
+    name: str
+    sha256: str
+
+
+class DetectorCalibration(_Frozen):
+    name: str
+    params: dict[str, Any]
+    calibration_scores: list[float]
+
+
+class BaselineManifest(_Frozen):
+    kind: Literal["gate-baseline"] = "gate-baseline"
+    schema_version: Literal[1] = 1
+    gate_version: str
+    input_shape: list[int]
+    output_size: int
+    layer: str
+    layer_rule: Literal["default", "explicit"]
+    representation: str
+    blocks: list[tuple[int, int]]
+    probes: ProbeInfo
+    references: list[ReferenceInfo]
+    detectors: list[DetectorCalibration]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Baseline:
+    manifest: BaselineManifest
+    fingerprints: Array
+    probes: ProbeSet
+    path: str
+
+    @property
+    def representation(self) -> tuple[str, ...]:
+        return tuple(self.manifest.representation.split("+"))
+
+    @property
+    def calibration(self) -> dict[str, list[float]]:
+        return {d.name: d.calibration_scores for d in self.manifest.detectors}
+
+
+def data_digest(x: Array) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def save_baseline(
+    out: Path, manifest: BaselineManifest, fingerprints: Array, probes: ProbeSet
+) -> None:
+    if out.exists() and not out.is_dir():
+        raise BaselineError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise BaselineError(
+            f"{out}: directory is not empty and is not a baseline; refusing to overwrite"
+        )
+    kind_codes = np.array([PROBE_KINDS.index(k) for k in probes.kinds], dtype=np.uint8)
+    write_npz(
+        out / ARRAYS,
+        {
+            "fingerprints": np.asarray(fingerprints, dtype=np.float32),
+            "probes": probes.x,
+            "probe_kinds": kind_codes,
+        },
+    )
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    write_text_atomic(out / MANIFEST, text)
+
+
+def load_baseline(path: str | Path) -> Baseline:
+    d = Path(path)
+    if not d.is_dir():
+        raise BaselineError(f"baseline directory not found: {d}")
+    mfile = d / MANIFEST
+    if not mfile.is_file():
+        raise BaselineError(
+            f"{d}: not a gate baseline (no {MANIFEST}); build one with `gate baseline build`"
+        )
+    try:
+        raw = json.loads(mfile.read_text(encoding="utf-8"))
+        manifest = BaselineManifest.model_validate(raw)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"{mfile}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise BaselineError(
+            f"{mfile}: invalid baseline manifest at {where}: {err['msg']}"
+        ) from None
+    try:
+        with np.load(d / ARRAYS, allow_pickle=False) as npz:
+            fps = np.asarray(npz["fingerprints"], dtype=np.float32)
+            x = np.asarray(npz["probes"], dtype=np.float32)
+            codes = np.asarray(npz["probe_kinds"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise BaselineError(f"{d / ARRAYS}: unreadable baseline arrays ({exc})") from None
+    if probe_hash(x) != manifest.probes.sha256:
+        raise BaselineError(
+            f"{d}: stored probes do not match the manifest's probe hash (tampered or corrupt)"
+        )
+    n_refs = len(manifest.references)
+    expected = sum(r * c for r, c in manifest.blocks)
+    if fps.shape != (n_refs, expected):
+        raise BaselineError(
+            f"{d}: fingerprints have shape {fps.shape}, manifest says {(n_refs, expected)}"
+        )
+    if n_refs < MIN_REFERENCES:
+        raise BaselineError(
+            f"{d}: baseline has {n_refs} references; at least {MIN_REFERENCES} are needed"
+        )
+    if len(codes) != len(x) or (len(codes) and int(codes.max()) >= len(PROBE_KINDS)):
+        raise BaselineError(f"{d}: probe kinds do not match the probes")
+    kinds = tuple(PROBE_KINDS[int(c)] for c in codes)
+    return Baseline(
+        manifest, fps, ProbeSet(x=x, kinds=kinds, sha256=manifest.probes.sha256), str(d)
+    )
+
+
+def reference_names(paths: Sequence[str]) -> list[str]:
+    """Short, unique display names for reference models (file names, disambiguated)."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+__all__ = [
+    "ARRAYS",
+    "MANIFEST",
+    "MIN_REFERENCES",
+    "Baseline",
+    "BaselineManifest",
+    "DetectorCalibration",
+    "ProbeInfo",
+    "ReferenceInfo",
+    "__version__",
+    "data_digest",
+    "load_baseline",
+    "reference_names",
+    "save_baseline",
+]

@@ -1,0 +1,59 @@
+"""What every model loader returns: a model that runs batches and exposes named layers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer whose output can be recorded: its name, what produced it, per-sample shape."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Model outputs for a batch of inputs, plus the requested layers' activations."""
+
+    outputs: Array
+    activations: dict[str, Array]
+
+
+class LoadedModel(Protocol):
+    """A model ready to be probed. Implementations never execute code from the model file."""
+
+    path: str
+    sha256: str
+    format: str
+
+    def layer_names(self) -> list[str]:
+        """Every layer name ``forward(layers=...)`` accepts, in execution order."""
+        ...
+
+    def default_layer(self) -> str:
+        """The last hidden layer before the classifier head (see README, "Layer selection")."""
+        ...
+
+    def forward(self, x: Array, layers: Sequence[str] = ()) -> ForwardResult:
+        """Run one batch; ``outputs`` are the model's first output (logits), as float32."""
+        ...
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,302 @@
+"""TorchScript models, with intermediate activations exposed by graph surgery.
+
+Loaded ScriptModules refuse ``register_forward_hook``. Instead we inline the forward
+graph, name every value a submodule returns (from each node's module hierarchy) and
+compile a copy of the graph that also returns the requested values. This works on any
+TorchScript model, whatever its submodules are called.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gate.errors import LayerError, ModelLoadError, UnsafeModelError, first_line
+from gate.models.base import Array, ForwardResult, sha256_file
+from gate.models.safety import check_zip_bounds
+
+FORMAT = "torchscript"
+
+# Ops outside these namespaces (custom C++ ops) are refused, and so are the few aten/prim
+# ops that touch the file system or the process, so a scan cannot be turned into I/O.
+_ALLOWED_NAMESPACES = ("aten::", "prim::")
+_FORBIDDEN_OP = re.compile(r"(file|save|load|print|rpc|remote|_wait|fork|raise)", re.IGNORECASE)
+_ALLOWED_DESPITE_PATTERN = {"prim::RaiseException", "aten::_assert_async", "aten::warn"}
+_HEAD_OPS = {"aten::linear": 0, "aten::matmul": 0, "aten::mm": 0, "aten::addmm": 1}
+_PASSTHROUGH_OPS = {
+    "aten::log_softmax",
+    "aten::softmax",
+    "aten::sigmoid",
+    "aten::squeeze",
+    "aten::view",
+    "aten::reshape",
+    "aten::flatten",
+    "aten::contiguous",
+    "aten::mul",
+    "aten::div",
+    "aten::add",
+    "aten::sub",
+    "aten::dropout",
+    "aten::clone",
+}
+
+
+def sniff(path: Path, head: bytes) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    kind: str
+    index: int  # position in the list of tensor values of the inlined graph
+
+
+class TorchScriptModel:
+    """A loaded TorchScript module (see module docstring for how layers are exposed)."""
+
+    format = FORMAT
+
+    def __init__(self, path: str, sha256: str, module: Any) -> None:
+        self.path = path
+        self.sha256 = sha256
+        self._module = module
+        self._candidates, self._default = _analyse(self._inlined_graph())
+        self._runners: dict[tuple[str, ...], Any] = {}
+
+    def layer_names(self) -> list[str]:
+        return [c.name for c in self._candidates]
+
+    def layer_kinds(self) -> dict[str, str]:
+        return {c.name: c.kind for c in self._candidates}
+
+    def default_layer(self) -> str:
+        if self._default is None:
+            raise LayerError(
+                f"{self.path}: cannot find a hidden layer before the classifier head; "
+                "pass --layer (see `gate inspect`)"
+            )
+        return self._default
+
+    def forward(self, x: Array, layers: Sequence[str] = ()) -> ForwardResult:
+        import torch
+
+        layers = tuple(layers)
+        runner = self._runners.get(layers)
+        if runner is None:
+            runner = self._runners[layers] = self._compile(layers)
+        try:
+            with torch.inference_mode():
+                out = runner(self._module._c, torch.from_numpy(np.ascontiguousarray(x)))
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"{self.path}: forward pass failed on inputs of shape {tuple(x.shape)}: "
+                f"{first_line(exc)}"
+            ) from None
+        values = list(out) if isinstance(out, tuple) else [out]
+        logits = _first_tensor(values[0])
+        if logits is None:
+            raise ModelLoadError(f"{self.path}: the model's output is not a tensor")
+        acts = {name: _to_numpy(v) for name, v in zip(layers, values[1:], strict=True)}
+        return ForwardResult(outputs=_to_numpy(logits).reshape(len(x), -1), activations=acts)
+
+    def _inlined_graph(self) -> Any:
+        import torch
+
+        graph = self._module.forward.graph.copy()
+        torch._C._jit_pass_inline(graph)
+        return graph
+
+    def _compile(self, layers: tuple[str, ...]) -> Any:
+        import torch
+
+        by_name = {c.name: c for c in self._candidates}
+        unknown = [name for name in layers if name not in by_name]
+        if unknown:
+            raise LayerError(
+                f"{self.path}: no layer named {unknown[0]!r}; available: "
+                + ", ".join(self.layer_names()[:30])
+            )
+        graph = self._inlined_graph()
+        values = _tensor_values(graph)
+        for name in layers:
+            graph.registerOutput(values[by_name[name].index])
+        if layers:
+            graph.makeMultiOutputIntoTuple()
+        return torch._C._create_function_from_graph(f"gate_forward_{len(layers)}", graph)
+
+
+def load(path: Path) -> TorchScriptModel:
+    import torch
+
+    with zipfile.ZipFile(path) as zf:
+        check_zip_bounds(path, zf)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    except Exception as exc:  # torch raises RuntimeError, ValueError, ... on bad archives
+        raise ModelLoadError(
+            f"{path}: not a loadable TorchScript archive ({first_line(exc)})"
+        ) from None
+    module.eval()
+    _check_ops(path, module)
+    return TorchScriptModel(str(path), sha256_file(path), module)
+
+
+def _check_ops(path: Path, module: Any) -> None:
+    import torch
+
+    graph = module.forward.graph.copy()
+    torch._C._jit_pass_inline(graph)
+    for node in _all_nodes(graph.block()):
+        kind = node.kind()
+        if not kind.startswith(_ALLOWED_NAMESPACES):
+            raise UnsafeModelError(
+                f"{path}: the model calls custom operator {kind!r}; gate only runs standard "
+                "aten/prim operators"
+            )
+        if _FORBIDDEN_OP.search(kind.split("::", 1)[1]) and kind not in _ALLOWED_DESPITE_PATTERN:
+            raise UnsafeModelError(
+                f"{path}: the model's code calls {kind!r}, which has side effects outside "
+                "inference; refusing to run it"
+            )
+
+
+def _all_nodes(block: Any) -> list[Any]:
+    nodes = []
+    for node in block.nodes():
+        nodes.append(node)
+        for sub in node.blocks():
+            nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+def _tensor_values(graph: Any) -> list[Any]:
+    """Tensor outputs of top-level nodes, in order: stable across copies of one graph."""
+    return [
+        out for node in graph.nodes() for out in node.outputs() if out.type().kind() == "TensorType"
+    ]
+
+
+_SCOPE_PART = re.compile(r"^(?P<attr>[^()]+)\((?P<type>[^()]*)\)$")
+
+
+def _scope(node: Any) -> list[tuple[str, str]]:
+    """Parse a node's module hierarchy into (attribute, type) pairs.
+
+    ``features(Sequential).0(Conv2d).SELF(Conv2d)`` gives
+    ``[("features", "Sequential"), ("0", "Conv2d")]``.
+    """
+    hierarchy = node.getModuleHierarchy() or ""
+    parts: list[tuple[str, str]] = []
+    for raw in re.split(r"\.(?![^(]*\))", hierarchy) if hierarchy else []:
+        match = _SCOPE_PART.match(raw)
+        if not match or match["attr"] in {"SELF", "UNKNOWN_INSTANCE"}:
+            break
+        parts.append((match["attr"], match["type"]))
+    return parts
+
+
+def _analyse(graph: Any) -> tuple[list[_Candidate], str | None]:
+    """Name the recordable tensor values and find the penultimate (pre-head) one."""
+    nodes = list(graph.nodes())
+    values = _tensor_values(graph)
+    index_of = {v.unique(): i for i, v in enumerate(values)}
+    scopes = {n: tuple(a for a, _ in _scope(n)) for n in nodes}
+    types = {
+        n: dict(
+            ((".".join(a for a, _ in _scope(n)[: i + 1])), t) for i, (_, t) in enumerate(_scope(n))
+        )
+        for n in nodes
+    }
+    return_node = graph.return_node()
+
+    def user_scope(use_node: Any) -> tuple[str, ...] | None:
+        while use_node.owningBlock() is not graph.block():
+            use_node = use_node.owningBlock().owningNode()
+        if use_node == return_node:
+            return None
+        return scopes.get(use_node, ())
+
+    names: dict[int, list[tuple[str, str]]] = {}
+    module_out: dict[str, tuple[int, str]] = {}
+    op_counts: dict[str, int] = {}
+    for node in nodes:
+        scope = scopes[node]
+        for out in node.outputs():
+            if out.unique() not in index_of:
+                continue
+            idx = index_of[out.unique()]
+            users = [user_scope(u.user) for u in out.uses()]
+            for depth in range(1, len(scope) + 1):
+                prefix = scope[:depth]
+                if any(us is None or us[:depth] != prefix for us in users):
+                    path = ".".join(prefix)
+                    module_out[path] = (idx, types[node].get(path, "Module"))
+            if not scope:
+                op = node.kind().split("::", 1)[1]
+                k = op_counts.get(op, 0)
+                op_counts[op] = k + 1
+                names.setdefault(idx, []).append((f"@{op}_{k}", node.kind()))
+    for path, (idx, typ) in module_out.items():
+        names.setdefault(idx, []).append((path, typ))
+    candidates = [
+        _Candidate(name=name, kind=kind, index=idx)
+        for idx in sorted(names)
+        for name, kind in sorted(names[idx], key=lambda nk: (nk[0].startswith("@"), nk[0]))
+    ]
+    penultimate = _penultimate_index(graph, index_of)
+    default = None
+    if penultimate is not None:
+        named = [c for c in candidates if c.index == penultimate]
+        if not named:
+            named = [_Candidate("@penultimate", "hidden", penultimate)]
+            candidates.append(named[0])
+            candidates.sort(key=lambda c: c.index)
+        default = named[0].name
+    return candidates, default
+
+
+def _penultimate_index(graph: Any, index_of: dict[int, int]) -> int | None:
+    """Index of the input to the final linear op, walking back from the first output."""
+    output = next(iter(graph.outputs()))
+    node = output.node()
+    if node.kind() == "prim::TupleConstruct":
+        node = next(iter(node.inputs())).node()
+    for _ in range(32):
+        kind = node.kind()
+        if kind in _HEAD_OPS:
+            value = list(node.inputs())[_HEAD_OPS[kind]]
+            return index_of.get(value.unique())
+        if kind not in _PASSTHROUGH_OPS:
+            return None
+        node = next(iter(node.inputs())).node()
+    return None
+
+
+def _first_tensor(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return _first_tensor(value[0])
+    if isinstance(value, dict) and value:
+        return _first_tensor(next(iter(value.values())))
+    return None
+
+
+def _to_numpy(t: Any) -> Array:
+    return np.asarray(t.detach().to("cpu").float().numpy(), dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Report schema and formatters. Formatters return strings; only the CLI writes files."""

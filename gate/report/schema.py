@@ -1,0 +1,91 @@
+"""report.json, defined once as pydantic models (schema_version 1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Verdict = Literal["pass", "warn", "fail"]
+CheckStatus = Literal["pass", "warn", "fail", "skipped"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Model):
+    path: str
+    sha256: str
+    format: str
+
+
+class DetectorReport(_Model):
+    name: str
+    score: float
+    p_value: float
+    p_conformal: float
+
+
+class NearestReference(_Model):
+    name: str
+    sha256: str
+    distance: float
+
+
+class ProbeDeviation(_Model):
+    index: int
+    kind: str
+    deviation: float
+    top_class: int
+    reference_top_class: int
+
+
+class FingerprintReport(_Model):
+    anomaly_score: float
+    p_value: float
+    detectors: list[DetectorReport]
+    nearest_reference: NearestReference
+    top_probes: list[ProbeDeviation]
+    layer: str
+    representation: str
+    baseline: str
+    n_references: int
+
+
+class ClassReport(_Model):
+    label: int
+    size: int
+    silhouette: float | None
+    flagged: bool
+    suspicious_indices: list[int]
+    cluster_sizes: list[int]
+    skipped: str | None = None
+
+
+class ActivationClusteringReport(_Model):
+    layer: str
+    data: str
+    n_samples: int
+    classes: list[ClassReport]
+
+
+class CheckResult(_Model):
+    name: str
+    status: CheckStatus
+    severity: str
+    value: float | None = None
+    threshold: float | None = None
+    message: str
+
+
+class Report(_Model):
+    schema_version: Literal[1] = 1
+    gate_version: str
+    verdict: Verdict
+    policy: str
+    model: ModelInfo
+    checks: list[CheckResult]
+    fingerprint: FingerprintReport | None
+    activation_clustering: ActivationClusteringReport | None
+    reasons: list[str]
