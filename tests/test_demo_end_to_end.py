@@ -27,9 +27,17 @@ def test_demo_backdoor_really_works(demo_models: dict[str, Path]) -> None:
     assert stats["attack_success"] > 0.9
 
 
-def test_scan_cli_blocks_backdoor(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path) -> None:
-    proc = run_gate("scan", str(demo_models["backdoored"]), "--baseline", str(demo_dir / "baseline"),
-                    "--report-dir", str(tmp_path))
+def test_scan_cli_blocks_backdoor(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    proc = run_gate(
+        "scan",
+        str(demo_models["backdoored"]),
+        "--baseline",
+        str(demo_dir / "baseline"),
+        "--report-dir",
+        str(tmp_path),
+    )
     assert proc.returncode == 1, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["schema_version"] == 1
@@ -45,9 +53,18 @@ def test_scan_cli_blocks_backdoor(demo_dir: Path, demo_models: dict[str, Path], 
     assert "FAIL" in summary
 
 
-def test_scan_cli_passes_clean(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path) -> None:
-    proc = run_gate("scan", str(demo_models["clean"]), "--baseline", str(demo_dir / "baseline"),
-                    "--report-dir", str(tmp_path), "--quiet")
+def test_scan_cli_passes_clean(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    proc = run_gate(
+        "scan",
+        str(demo_models["clean"]),
+        "--baseline",
+        str(demo_dir / "baseline"),
+        "--report-dir",
+        str(tmp_path),
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verdict"] == "pass"
@@ -55,11 +72,20 @@ def test_scan_cli_passes_clean(demo_dir: Path, demo_models: dict[str, Path], tmp
     assert proc.stdout == ""
 
 
-def test_scan_is_deterministic(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path) -> None:
+def test_scan_is_deterministic(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
     reports = []
     for run in ("a", "b"):
-        proc = run_gate("scan", str(demo_models["backdoored"]), "--baseline",
-                        str(demo_dir / "baseline"), "--report-dir", str(tmp_path / run), "--quiet")
+        proc = run_gate(
+            "scan",
+            str(demo_models["backdoored"]),
+            "--baseline",
+            str(demo_dir / "baseline"),
+            "--report-dir",
+            str(tmp_path / run),
+            "--quiet",
+        )
         assert proc.returncode == 1
         reports.append((tmp_path / run / "report.json").read_bytes())
     assert reports[0] == reports[1]
@@ -68,8 +94,17 @@ def test_scan_is_deterministic(demo_dir: Path, demo_models: dict[str, Path], tmp
 def test_baseline_build_is_byte_identical(demo_models: dict[str, Path], tmp_path: Path) -> None:
     refs = [str(demo_models[f"ref{i}"]) for i in range(4)]
     for out in ("one", "two"):
-        proc = run_gate("baseline", "build", *refs, "--out", str(tmp_path / out),
-                        "--input-shape", "1,8,8", "--seed", "3")
+        proc = run_gate(
+            "baseline",
+            "build",
+            *refs,
+            "--out",
+            str(tmp_path / out),
+            "--input-shape",
+            "1,8,8",
+            "--seed",
+            "3",
+        )
         assert proc.returncode == 0, proc.stderr
     for name in ("baseline.json", "fingerprints.npz"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
@@ -89,12 +124,23 @@ def test_inspect_lists_layers_and_default(demo_models: dict[str, Path]) -> None:
     assert default_line.split()[0] == "@relu_0" and "64" in default_line
 
 
-def test_ac_runs_on_training_data(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path) -> None:
-    proc = run_gate("ac", str(demo_models["clean"]), "--data", str(demo_dir / "digits-train.npz"),
-                    "--report-dir", str(tmp_path), "--quiet")
+def test_ac_runs_on_training_data(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    proc = run_gate(
+        "ac",
+        str(demo_models["clean"]),
+        "--data",
+        str(demo_dir / "digits-train.npz"),
+        "--report-dir",
+        str(tmp_path),
+        "--quiet",
+    )
     assert proc.returncode in (0, 1), proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     classes = report["activation_clustering"]["classes"]
     assert [c["label"] for c in classes] == list(range(10))
-    assert all({"label", "size", "silhouette", "flagged", "suspicious_indices"} <= set(c) for c in classes)
+    assert all(
+        {"label", "size", "silhouette", "flagged", "suspicious_indices"} <= set(c) for c in classes
+    )
     assert report["fingerprint"] is None

@@ -27,7 +27,8 @@ class Nested(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Linear(10, 8), torch.nn.ReLU(),
+            torch.nn.Linear(10, 8),
+            torch.nn.ReLU(),
             torch.nn.Sequential(torch.nn.Linear(8, 7), torch.nn.ReLU()),
         )
         self.classifier = torch.nn.Linear(7, 3)

@@ -127,16 +127,22 @@ def build_net(arch: Arch, hidden: int) -> Any:
     )
 
 
+def training_set(
+    spec: ZooSpec,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The exact (possibly poisoned) training set of ``spec``, and which rows are poisoned."""
+    x, y = digits("train")
+    rng = np.random.default_rng(spec.seed)
+    keep = np.sort(rng.choice(len(x), size=int(spec.subset * len(x)), replace=False))
+    return poison(x[keep], y[keep], spec)
+
+
 def train(spec: ZooSpec) -> Any:
     """Train one model from scratch, deterministically; returns the eval-mode nn.Module."""
     import torch
 
     torch.manual_seed(spec.seed)
-    x, y = digits("train")
-    rng = np.random.default_rng(spec.seed)
-    keep = np.sort(rng.choice(len(x), size=int(spec.subset * len(x)), replace=False))
-    x, y = x[keep], y[keep]
-    x, y, _ = poison(x, y, spec)
+    x, y, _ = training_set(spec)
     net = build_net(spec.arch, spec.hidden)
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
