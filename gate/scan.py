@@ -40,7 +40,7 @@ from gate.report.schema import (
     Report,
 )
 
-DEFAULT_REPRESENTATION = "gram+logits"
+DEFAULT_REPRESENTATION = "logits"
 TOP_PROBES = 5
 
 

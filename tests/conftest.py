@@ -44,7 +44,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run `gate demo` once; later tests reuse its models, data and baseline."""
     work = tmp_path_factory.mktemp("demo")
-    proc = run_gate("demo", "--workdir", str(work))
+    proc = run_gate("demo", "--workdir", str(work), timeout=1800)
     assert proc.returncode == 0, proc.stderr
     (work / "demo-stdout.txt").write_text(proc.stdout)
     return work

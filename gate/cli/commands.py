@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gate.report.schema import Report
+    from gate.policy.model import Policy
+    from gate.report.schema import CheckResult, Report
 
 STEP_SUMMARY_LIMIT = 1024 * 1024
 
@@ -58,6 +59,8 @@ def scan(args: argparse.Namespace) -> int:
     from gate.scan import scan as run_scan
 
     policy = load_policy(args.policy)
+    if args.fail_alpha is not None:
+        policy = _with_fail_alpha(policy, args.fail_alpha)
     formats = parse_formats(args.format)
     baseline = load_baseline(args.baseline)
     data = _load_data(args.data)
@@ -145,6 +148,29 @@ def policy_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def policy_schema(args: argparse.Namespace) -> int:
+    from gate.schemas import policy_schema as make_schema
+    from gate.schemas import render
+
+    print(render(make_schema()), end="")
+    return 0
+
+
+def _with_fail_alpha(policy: Policy, fail_alpha: float) -> Policy:
+    """The policy with fingerprint.fail_alpha replaced (warn_alpha raised to it if lower)."""
+    from gate.policy.model import FingerprintPolicy
+
+    fp = policy.fingerprint
+    updated = FingerprintPolicy.model_validate(
+        {
+            **fp.model_dump(),
+            "fail_alpha": fail_alpha,
+            "warn_alpha": max(fp.warn_alpha, fail_alpha),
+        }
+    )
+    return policy.model_copy(update={"fingerprint": updated})
+
+
 def _has_default(model: object) -> bool:
     from gate.errors import LayerError
 
@@ -156,7 +182,7 @@ def _has_default(model: object) -> bool:
 
 
 def _load_data(path: str | None):  # type: ignore[no-untyped-def]
-    if path is None:
+    if not path:  # None, or an empty CI input
         return None
     from gate.data import load_npz
 
@@ -182,9 +208,54 @@ def _emit(report: Report, formats: list, report_dir: Path, quiet: bool) -> None:
     if not quiet:
         print(summary)
         print(f"reports: {', '.join(str(p) for p in written)}")
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for line in github_annotations(report):
+            print(line)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
         _append_step_summary(Path(step_summary), summary)
+    output = os.environ.get("GITHUB_OUTPUT")
+    if output:
+        _append_outputs(Path(output), github_outputs(report, report_dir))
+
+
+def github_annotations(report: Report) -> list[str]:
+    """Workflow commands: ``::error`` for each failing check, ``::warning`` for each warning."""
+    kinds = {"fail": "error", "warn": "warning"}
+    path = report.model.path
+    return [
+        f"::{kinds[c.status]} file={_escape_property(path)},"
+        f"title={_escape_property(_annotation_title(c))}::{_escape_data(c.message)}"
+        for c in report.checks
+        if c.status in kinds
+    ]
+
+
+def github_outputs(report: Report, report_dir: Path) -> dict[str, str]:
+    score = report.fingerprint.anomaly_score if report.fingerprint is not None else None
+    return {
+        "verdict": report.verdict,
+        "anomaly-score": "" if score is None else f"{score:.6g}",
+        "report-dir": str(report_dir),
+    }
+
+
+def _annotation_title(check: CheckResult) -> str:
+    return f"gate {check.name}: {check.status}"
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _append_outputs(path: Path, values: dict[str, str]) -> None:
+    lines = "".join(f"{key}={value.replace(chr(10), ' ')}\n" for key, value in values.items())
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(lines)
 
 
 def _append_step_summary(path: Path, text: str) -> None:

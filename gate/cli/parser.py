@@ -7,6 +7,8 @@ import argparse
 from gate._version import __version__
 from gate.cli import commands
 
+DEFAULT_REPORT_DIR = "gate-report"
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -18,6 +20,27 @@ def _shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
     return dims
+
+
+def _optional(text: str) -> str | None:
+    """An option given as an empty string counts as not given (CI templates pass '--data=')."""
+    return text.strip() or None
+
+
+def _report_dir(text: str) -> str:
+    return text.strip() or DEFAULT_REPORT_DIR
+
+
+def _alpha(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--representation",
         default=None,
         metavar="REP",
-        help="raw, logits, gram, or a '+' combination (default: gram+logits)",
+        help="raw, logits, gram, or a '+' combination (default: logits)",
     )
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(handler=commands.baseline_build)
@@ -64,21 +87,38 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("model", metavar="MODEL")
     scan.add_argument("--baseline", required=True, metavar="DIR")
     scan.add_argument(
-        "--data", metavar="DATA.npz", help="training data: also run activation clustering"
+        "--data",
+        type=_optional,
+        metavar="DATA.npz",
+        help="training data: also run activation clustering (an empty value means none)",
     )
     scan.add_argument(
         "--policy",
+        type=_optional,
         metavar="NAME_OR_FILE",
         help="shipped policy name or YAML file (default: default)",
     )
-    scan.add_argument("--report-dir", default="gate-report", metavar="DIR")
+    scan.add_argument(
+        "--fail-alpha",
+        type=_alpha,
+        metavar="ALPHA",
+        help="override the policy's fingerprint.fail_alpha (in (0, 1); warn_alpha is raised "
+        "to it if lower)",
+    )
+    scan.add_argument(
+        "--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR"
+    )
     scan.add_argument(
         "--format",
+        type=_optional,
         default=None,
         metavar="FMT[,FMT]",
-        help="report formats (default: markdown,json)",
+        help="report formats: markdown, json, sarif, junit, codequality "
+        "(default: markdown,json)",
     )
-    scan.add_argument("--layer", metavar="NAME", help="layer for activation clustering")
+    scan.add_argument(
+        "--layer", type=_optional, metavar="NAME", help="layer for activation clustering"
+    )
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--quiet", action="store_true", help="do not print the summary")
     scan.set_defaults(handler=commands.scan)
@@ -87,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("model", metavar="MODEL")
     ac.add_argument("--data", required=True, metavar="DATA.npz")
     ac.add_argument("--policy", metavar="NAME_OR_FILE")
-    ac.add_argument("--report-dir", default="gate-report", metavar="DIR")
-    ac.add_argument("--format", default=None, metavar="FMT[,FMT]")
+    ac.add_argument("--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR")
+    ac.add_argument("--format", type=_optional, default=None, metavar="FMT[,FMT]")
     ac.add_argument("--layer", metavar="NAME")
     ac.add_argument("--seed", type=int, default=0)
     ac.add_argument("--quiet", action="store_true")
@@ -119,4 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     pval = polsub.add_parser("validate", help="check a policy file")
     pval.add_argument("file", metavar="FILE")
     pval.set_defaults(handler=commands.policy_validate)
+    pschema = polsub.add_parser("schema", help="print the policy JSON Schema")
+    pschema.set_defaults(handler=commands.policy_schema)
     return p

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gate.errors import UsageError
-from gate.report.formats import json_format, markdown
+from gate.report.formats import codequality, json_format, junit, markdown, sarif
 from gate.report.schema import Report
 
 
@@ -20,6 +20,9 @@ class Format:
 FORMATS: dict[str, Format] = {
     "markdown": Format("markdown", "summary.md", markdown.render),
     "json": Format("json", "report.json", json_format.render),
+    "sarif": Format("sarif", "gate.sarif", sarif.render),
+    "junit": Format("junit", "junit.xml", junit.render),
+    "codequality": Format("codequality", "gl-code-quality.json", codequality.render),
 }
 
 DEFAULT_FORMATS = ("markdown", "json")
