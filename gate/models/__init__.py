@@ -2,6 +2,9 @@
 
 To add a format: write a module with ``sniff(path, head) -> bool`` and
 ``load(path) -> LoadedModel``, then add one line to :data:`LOADERS`.
+
+Whatever the file is called, it is recognised by its bytes: a TorchScript archive named
+``.onnx`` loads, and a pickle or ``.npz`` named ``.pt`` is refused with what it really is.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from gate.errors import ModelLoadError, UnsafeModelError
 from gate.models import safety, torchscript
@@ -28,6 +32,10 @@ class Loader:
 LOADERS: tuple[Loader, ...] = (Loader(torchscript.FORMAT, torchscript.sniff, torchscript.load),)
 
 _HEAD_BYTES = 64
+_EXPORT_HINT = (
+    "export the model as TorchScript with torch.jit.save(torch.jit.script(model), path) "
+    "(or torch.jit.trace); gate never unpickles model files"
+)
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -39,8 +47,11 @@ def load_model(path: str | Path) -> LoadedModel:
         raise ModelLoadError(f"{p}: not a file")
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{p}: model file is empty (0 bytes)")
-    with open(p, "rb") as fh:
-        head = fh.read(_HEAD_BYTES)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read model file ({exc.strerror or exc})") from None
     for loader in LOADERS:
         if loader.sniff(p, head):
             return loader.load(p)
@@ -49,35 +60,56 @@ def load_model(path: str | Path) -> LoadedModel:
 
 def _explain_unsupported(path: Path, head: bytes) -> ModelLoadError:
     """Say what the file is and why it is refused, naming any code it would run."""
-    if safety.looks_like_pickle(head):
-        return _refuse_pickle(path, path.read_bytes(), "a raw pickle")
+    if safety.looks_like_pickle(head) or safety.is_old_protocol_pickle(path):
+        with open(path, "rb") as fh:
+            return refuse_pickle(path, fh, "a raw pickle")
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as zf:
                 safety.check_zip_bounds(path, zf)
-                pickles = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                names = zf.namelist()
+                pickles = [n for n in names if n.endswith("data.pkl")]
                 if pickles:
-                    return _refuse_pickle(path, zf.read(pickles[0]), "a torch.save() checkpoint")
-        except zipfile.BadZipFile:
-            return ModelLoadError(f"{path}: corrupt or truncated zip archive")
+                    with zf.open(pickles[0]) as member:
+                        return refuse_pickle(path, member, "a torch.save() checkpoint")
+                if names and all(n.endswith(".npy") for n in names):
+                    return ModelLoadError(
+                        f"{path}: this is a NumPy .npz data file, not a model "
+                        "(were the model and --data arguments swapped?)"
+                    )
         except ModelLoadError as exc:
             return exc
+        except Exception:  # zipfile raises BadZipFile, EOFError, zlib.error, ... on damage
+            return ModelLoadError(f"{path}: corrupt or truncated zip archive")
         return ModelLoadError(f"{path}: zip archive is not a TorchScript model")
+    if head.startswith(b"\x93NUMPY"):
+        return ModelLoadError(f"{path}: this is a NumPy .npy array, not a model")
     return ModelLoadError(
         f"{path}: unrecognised model format (expected a TorchScript archive from torch.jit.save)"
     )
 
 
-def _refuse_pickle(path: Path, data: bytes, what: str) -> ModelLoadError:
+def refuse_pickle(path: Path, data: bytes | IO[bytes], what: str) -> ModelLoadError:
+    """Why a pickle is refused: the globals it would import, or that it holds no model."""
     try:
-        dangerous = safety.dangerous_globals(safety.pickle_globals(data))
+        names = safety.pickle_globals(data)
     except ModelLoadError as exc:
         return ModelLoadError(f"{path}: {what} with a {exc}")
-    export_hint = "export the model with torch.jit.save(torch.jit.script(model), path)"
+    dangerous = safety.dangerous_globals(names)
+    shown = ", ".join(dangerous[:3]) + (" ..." if len(dangerous) > 3 else "")
+    if any(n.startswith("torch.nn.") for n in dangerous) and not any(
+        safety.is_blatant(n) for n in dangerous
+    ):
+        return UnsafeModelError(
+            f"{path}: {what} of a whole pickled nn.Module (torch.save(model)), which would "
+            f"import {shown} when unpickled and so could run code; {_EXPORT_HINT}"
+        )
     if dangerous:
-        shown = ", ".join(dangerous[:3]) + (" ..." if len(dangerous) > 3 else "")
         return UnsafeModelError(
             f"{path}: refusing {what} that would import {shown} when unpickled "
-            f"(possible code execution); {export_hint}"
+            f"(possible code execution); {_EXPORT_HINT}"
         )
-    return ModelLoadError(f"{path}: {what} of bare tensors is not a full model; {export_hint}")
+    return ModelLoadError(
+        f"{path}: {what} of bare tensors (a state_dict or weights file) is not a full model: "
+        f"it has no architecture; {_EXPORT_HINT}"
+    )

@@ -17,9 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from gate.errors import LayerError, ModelLoadError, UnsafeModelError, first_line
+from gate.errors import GateError, LayerError, ModelLoadError, UnsafeModelError, first_line
 from gate.models.base import Array, ForwardResult, sha256_file
-from gate.models.safety import check_zip_bounds
+from gate.models.safety import (
+    TORCHSCRIPT_SAFE_PREFIXES,
+    check_zip_bounds,
+    check_zip_integrity,
+    dangerous_globals,
+    pickle_globals,
+)
 
 FORMAT = "torchscript"
 
@@ -48,14 +54,152 @@ _PASSTHROUGH_OPS = {
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    if not zipfile.is_zipfile(path):
+    """A zip whose records sit under one root with ``code/`` sources and ``constants.pkl``."""
+    if not head.startswith(b"PK"):
         return False
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # BadZipFile, OSError, EOFError, ... on damaged archives
         return False
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+
+
+# TorchScript runs a class's ``__setstate__`` while torch.jit.load unpickles the archive,
+# i.e. before any graph can be inspected, so archives that define one are refused outright.
+# Any mention of the name is refused: standard nn modules never need it.
+_LOAD_TIME_HOOK = re.compile(rb"__setstate__")
+_CUSTOM_OP_CALL = re.compile(rb"\bops\.(?!aten\.|prim\.)(\w+)\.(\w+)")
+
+
+# torch.jit.load's parser and compiler recurse per nesting level and per operator: a 12 KB
+# archive with 10,000 nested parentheses (or 5,000 unary minuses, or a 20,000-term sum)
+# overflows the C stack and kills the process with SIGSEGV. Sources are bounded first, far
+# below those depths, and torch.jit.load runs on a thread with a large stack for headroom.
+MAX_NESTING = 100
+MAX_STATEMENT_BYTES = 64 << 10
+MAX_INDENT = 400
+_LOAD_STACK_BYTES = 256 << 20
+
+
+def _check_source_shape(path: Path, name: str, source: bytes) -> None:
+    """Refuse code nested or chained deeply enough to overflow torch's recursive parser."""
+    depth = max_depth = statement = max_statement = unary_run = max_unary = 0
+    quote = 0
+    escaped = False
+    for byte in source:
+        if quote:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == quote:
+                quote = 0
+            continue
+        statement += 1
+        if byte in b"\"'":
+            quote = byte
+        elif byte in b"([{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+        elif byte in b")]}":
+            depth = max(depth - 1, 0)
+        elif byte == 0x0A and depth == 0:
+            max_statement = max(max_statement, statement)
+            statement = 0
+        if byte in b"-+~":
+            unary_run += 1
+            max_unary = max(max_unary, unary_run)
+        elif byte not in b" \t\n":
+            unary_run = 0
+    max_statement = max(max_statement, statement)
+    indent = max((len(line) - len(line.lstrip(b" \t")) for line in source.splitlines()),
+                 default=0)
+    words = source.split()
+    max_not = max_run = 0
+    for word in words:
+        max_run = max_run + 1 if word == b"not" else 0
+        max_not = max(max_not, max_run)
+    if (max_depth > MAX_NESTING or max_unary > MAX_NESTING or max_not > MAX_NESTING
+            or max_statement > MAX_STATEMENT_BYTES or indent > MAX_INDENT):
+        raise ModelLoadError(
+            f"{path}: {name!r} is nested or chained too deeply for TorchScript to parse safely "
+            f"(nesting {max(max_depth, max_unary, max_not)}, longest statement "
+            f"{max_statement} bytes, indent {indent}); refusing to load"
+        )
+
+
+def _load_on_big_stack(path: Path) -> Any:
+    """``torch.jit.load`` on a thread with a large C stack; exceptions are re-raised here."""
+    import threading
+
+    import torch
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["module"] = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(path), map_location="cpu"
+            )
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    previous = threading.stack_size()
+    try:
+        threading.stack_size(_LOAD_STACK_BYTES)
+        thread = threading.Thread(target=work, name="gate-torchscript-load", daemon=True)
+        thread.start()
+    except (RuntimeError, ValueError, MemoryError):  # cannot get a big stack: load here
+        work()
+    else:
+        thread.join()
+    finally:
+        threading.stack_size(previous)
+    if "error" in result:
+        raise result["error"]
+    return result["module"]
+
+
+def _check_archive(path: Path) -> None:
+    """Everything that can be checked before torch parses the archive (see module docstring)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            check_zip_bounds(path, zf)
+            check_zip_integrity(path, zf)
+            for info in zf.infolist():
+                name = info.filename
+                if name.endswith(".pkl"):
+                    with zf.open(info) as member:
+                        globals_ = pickle_globals(member)
+                    bad = dangerous_globals(globals_, TORCHSCRIPT_SAFE_PREFIXES)
+                    if bad:
+                        raise UnsafeModelError(
+                            f"{path}: archive member {name!r} would import "
+                            f"{', '.join(bad[:3])} when unpickled (possible code execution); "
+                            "refusing to load"
+                        )
+                elif "/code/" in name and name.endswith(".py"):
+                    source = zf.read(info)
+                    _check_source_shape(path, name, source)
+                    if _LOAD_TIME_HOOK.search(source):
+                        raise UnsafeModelError(
+                            f"{path}: {name!r} defines __setstate__, code that TorchScript "
+                            "would run while loading the file; refusing to load"
+                        )
+                    custom = _CUSTOM_OP_CALL.search(source)
+                    if custom:
+                        op = f"{custom[1].decode()}::{custom[2].decode()}"
+                        raise UnsafeModelError(
+                            f"{path}: the model calls custom operator {op!r}; gate only runs "
+                            "standard aten/prim operators"
+                        )
+    except GateError:
+        raise
+    except Exception as exc:  # zipfile raises BadZipFile, EOFError, zlib.error, ...
+        raise ModelLoadError(
+            f"{path}: corrupt TorchScript archive ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -140,12 +284,10 @@ class TorchScriptModel:
 
 
 def load(path: Path) -> TorchScriptModel:
-    import torch
+    _check_archive(path)  # before torch is even imported: it must never see a bad archive
 
-    with zipfile.ZipFile(path) as zf:
-        check_zip_bounds(path, zf)
     try:
-        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        module = _load_on_big_stack(path)
     except Exception as exc:  # torch raises RuntimeError, ValueError, ... on bad archives
         raise ModelLoadError(
             f"{path}: not a loadable TorchScript archive ({first_line(exc)})"
