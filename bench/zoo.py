@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gate.demo.zoo import (
     Attack,
     ZooSpec,
     build_net,
-    digits,
     evaluate,
+    fit,
     materialise,
-    poison,
 )
 
 ZOO_DIR = Path(__file__).resolve().parent / ".zoo"
@@ -138,23 +135,7 @@ def finetune(spec: ZooSpec, base_path: Path) -> Any:
     base = torch.jit.load(str(base_path))  # type: ignore[no-untyped-call]
     net = build_net(spec.arch, spec.hidden)
     net.load_state_dict(base.state_dict())
-    x, y = digits("train")
-    rng = np.random.default_rng(spec.seed)
-    keep = np.sort(rng.choice(len(x), size=int(spec.subset * len(x)), replace=False))
-    x, y, _ = poison(x[keep], y[keep], spec)
-    opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(spec.seed)
-    net.train()
-    for _ in range(spec.epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for start in range(0, len(xt), 64):
-            b = perm[start : start + 64]
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(xt[b]), yt[b])
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-    return net.eval()
+    return fit(net, spec)
 
 
 def _materialise_finetuned(spec: ZooSpec, base_path: Path, cache_dir: Path) -> Path:

@@ -142,8 +142,14 @@ def train(spec: ZooSpec) -> Any:
     import torch
 
     torch.manual_seed(spec.seed)
+    return fit(build_net(spec.arch, spec.hidden), spec)
+
+
+def fit(net: Any, spec: ZooSpec) -> Any:
+    """Train ``net`` in place on ``spec``'s (possibly poisoned) training set; eval mode out."""
+    import torch
+
     x, y, _ = training_set(spec)
-    net = build_net(spec.arch, spec.hidden)
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(spec.seed)
