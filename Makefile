@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint bench bench-fingerprint clean
+.PHONY: venv demo test lint bench bench-fingerprint bench-perf bench-ac clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,16 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: bench-fingerprint
+bench: bench-fingerprint bench-ac
 
 bench-fingerprint: $(STAMP)
 	$(BIN)/python bench/bench_fingerprint.py
+
+bench-ac: $(STAMP)
+	$(BIN)/python bench/bench_ac.py
+
+bench-perf: $(STAMP)
+	$(BIN)/python bench/bench_perf.py
 
 clean:
 	rm -rf $(VENV) .gate-cache gate-report .pytest_cache .mypy_cache .ruff_cache

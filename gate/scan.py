@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 from gate._version import __version__
-from gate.activations import extract
+from gate.ac.options import ACOptions
+from gate.activations import ActivationCache
 from gate.data import Dataset
 from gate.detectors import DEFAULT_DETECTORS, make_detector
 from gate.detectors.ensemble import CalibratedEnsemble
@@ -17,9 +22,11 @@ from gate.fingerprint.baseline import (
     MIN_REFERENCES,
     Baseline,
     BaselineManifest,
+    BaselineShard,
     DetectorCalibration,
     ProbeInfo,
     ReferenceInfo,
+    ShardManifest,
     data_digest,
     reference_names,
 )
@@ -38,6 +45,7 @@ from gate.report.schema import (
     NearestReference,
     ProbeDeviation,
     Report,
+    SpectralReport,
 )
 
 DEFAULT_REPRESENTATION = "logits"
@@ -59,34 +67,90 @@ def build_baseline(
     seed: int = 0,
     representation: str = DEFAULT_REPRESENTATION,
     detectors: Sequence[str] = DEFAULT_DETECTORS,
+    cache: ActivationCache | None = None,
+    quiet: bool = True,
 ) -> BaselineBuild:
+    """Fingerprint every reference and calibrate the ensemble (leave-one-out)."""
+    shard = build_baseline_shard(
+        model_paths,
+        (1, 1),
+        data,
+        input_shape,
+        layer,
+        seed,
+        representation,
+        detectors,
+        cache=cache,
+        quiet=quiet,
+    )
+    return merge_baseline_shards([shard])
+
+
+def shard_slice(n_models: int, index: int, count: int) -> range:
+    """0-based positions of shard ``index`` (1-based) of ``count``: contiguous, in order."""
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"--shard {index}/{count}: expected I/N with 1 <= I <= N")
+    if count > n_models:
+        raise UsageError(f"--shard {index}/{count}: more shards than the {n_models} models")
+    return range((index - 1) * n_models // count, index * n_models // count)
+
+
+def build_baseline_shard(
+    model_paths: Sequence[str],
+    shard: tuple[int, int],
+    data: Dataset | None = None,
+    input_shape: Sequence[int] | None = None,
+    layer: str | None = None,
+    seed: int = 0,
+    representation: str = DEFAULT_REPRESENTATION,
+    detectors: Sequence[str] = DEFAULT_DETECTORS,
+    cache: ActivationCache | None = None,
+    quiet: bool = True,
+) -> BaselineShard:
+    """Fingerprint slice ``shard`` = (I, N) of ``model_paths`` (see :func:`shard_slice`).
+
+    Every shard is given the full, ordered model list, so names and positions agree.
+    """
+    from gate.progress import Progress
+
     if len(model_paths) < MIN_REFERENCES:
         raise UsageError(
             f"a baseline needs at least {MIN_REFERENCES} known-clean models, got {len(model_paths)}"
         )
+    positions = shard_slice(len(model_paths), *shard)
     rep = parse_representation(representation)
     shape = _input_shape(data, input_shape)
     probes = make_probes(shape, data, seed=seed)
+    names = reference_names(list(model_paths))
     prints: list[Fingerprint] = []
     shas: list[str] = []
     layer_used: str | None = None
-    for path in model_paths:
-        model = load_model(path)
-        chosen = resolve_layer(model, layer)
-        fp = _fingerprint_checked(model, probes, chosen, rep, what="reference model")
-        if prints and (fp.blocks != prints[0].blocks or fp.output_size != prints[0].output_size):
-            raise MismatchError(
-                f"{path}: reference does not match the others (layer {chosen!r} gives "
-                f"{fp.blocks}, outputs {fp.output_size}; first reference gave "
-                f"{prints[0].blocks}, outputs {prints[0].output_size})"
+    with Progress(len(positions), "fingerprinting references", unit="models", quiet=quiet) as bar:
+        for pos in positions:
+            path = model_paths[pos]
+            model = load_model(path)
+            chosen = resolve_layer(model, layer)
+            fp = _fingerprint_checked(
+                model, probes, chosen, rep, what="reference model", cache=cache
             )
-        prints.append(fp)
-        shas.append(model.sha256)
-        layer_used = layer_used or chosen
-    matrix = np.stack([fp.vector for fp in prints]).astype(np.float32)
-    ensemble = CalibratedEnsemble(detectors, prints[0].blocks, seed=seed).fit(matrix)
-    manifest = BaselineManifest(
+            if prints and (
+                fp.blocks != prints[0].blocks or fp.output_size != prints[0].output_size
+            ):
+                raise MismatchError(
+                    f"{path}: reference does not match the others (layer {chosen!r} gives "
+                    f"{fp.blocks}, outputs {fp.output_size}; first reference gave "
+                    f"{prints[0].blocks}, outputs {prints[0].output_size})"
+                )
+            prints.append(fp)
+            shas.append(model.sha256)
+            layer_used = layer_used or chosen
+            bar.update()
+    manifest = ShardManifest(
         gate_version=__version__,
+        shard=shard[0],
+        shard_count=shard[1],
+        total_references=len(model_paths),
+        indices=list(positions),
         input_shape=list(shape),
         output_size=prints[0].output_size,
         layer=str(layer_used),
@@ -101,31 +165,114 @@ def build_baseline(
             source="synthetic" if data is None else f"data:{data_digest(data.x)}",
         ),
         references=[
-            ReferenceInfo(name=name, sha256=sha)
-            for name, sha in zip(reference_names(list(model_paths)), shas, strict=True)
+            ReferenceInfo(name=names[pos], sha256=sha)
+            for pos, sha in zip(positions, shas, strict=True)
         ],
+        detectors=list(detectors),
+        seed=seed,
+    )
+    matrix = np.stack([fp.vector for fp in prints]).astype(np.float32)
+    return BaselineShard(manifest, matrix, probes, "")
+
+
+_SHARD_KEYS = (
+    "gate_version",
+    "shard_count",
+    "total_references",
+    "input_shape",
+    "output_size",
+    "layer",
+    "layer_rule",
+    "representation",
+    "blocks",
+    "probes",
+    "detectors",
+    "seed",
+)
+
+
+def merge_baseline_shards(shards: Sequence[BaselineShard]) -> BaselineBuild:
+    """Combine shards into the baseline an unsharded build gives, byte for byte.
+
+    Refuses shards built with other probes, layer, representation, seed or version, and
+    missing or duplicate slices. Calibration (leave-one-out) is computed here.
+    """
+    if not shards:
+        raise UsageError("give at least one shard directory to merge")
+    first = shards[0].manifest
+    for s in shards[1:]:
+        for key in _SHARD_KEYS:
+            if getattr(s.manifest, key) != getattr(first, key):
+                raise BaselineError(
+                    f"{s.path or 'shard'}: {key} differs from {shards[0].path or 'the first shard'}"
+                    f" ({getattr(s.manifest, key)!r} vs {getattr(first, key)!r}); shards must "
+                    "come from one `gate baseline build` command"
+                )
+        if not np.array_equal(s.probes.x, shards[0].probes.x):
+            raise BaselineError(f"{s.path}: probes differ from {shards[0].path}")
+    seen: dict[int, str] = {}
+    for s in shards:
+        if s.manifest.shard in seen:
+            raise BaselineError(
+                f"shard {s.manifest.shard}/{first.shard_count} given twice "
+                f"({seen[s.manifest.shard]} and {s.path})"
+            )
+        seen[s.manifest.shard] = s.path
+    missing = [i for i in range(1, first.shard_count + 1) if i not in seen]
+    if missing:
+        raise BaselineError(
+            f"missing shard(s) {', '.join(map(str, missing))} of {first.shard_count}"
+        )
+    ordered = sorted(shards, key=lambda s: s.manifest.shard)
+    positions = [i for s in ordered for i in s.manifest.indices]
+    if positions != list(range(first.total_references)):
+        raise BaselineError(
+            f"shards cover references {positions}, expected 0..{first.total_references - 1}"
+        )
+    matrix = np.concatenate([s.fingerprints for s in ordered]).astype(np.float32)
+    blocks = tuple((int(r), int(c)) for r, c in first.blocks)
+    ensemble = CalibratedEnsemble(first.detectors, blocks, seed=first.seed).fit(matrix)
+    manifest = BaselineManifest(
+        gate_version=first.gate_version,
+        input_shape=first.input_shape,
+        output_size=first.output_size,
+        layer=first.layer,
+        layer_rule=first.layer_rule,
+        representation=first.representation,
+        blocks=list(blocks),
+        probes=first.probes,
+        references=[ref for s in ordered for ref in s.manifest.references],
         detectors=[
             DetectorCalibration(
                 name=name,
-                params=make_detector(name, seed).get_params(),
+                params=make_detector(name, first.seed).get_params(),
                 calibration_scores=[round(s, 12) for s in ensemble.calibration_[name]],
             )
-            for name in detectors
+            for name in first.detectors
         ],
-        seed=seed,
+        seed=first.seed,
     )
-    return BaselineBuild(manifest, matrix, probes)
+    return BaselineBuild(manifest, matrix, ordered[0].probes)
 
 
 def fingerprint_candidate(
-    model: LoadedModel, baseline: Baseline, policy: Policy
+    model: LoadedModel,
+    baseline: Baseline,
+    policy: Policy,
+    cache: ActivationCache | None = None,
+    timings: dict[str, float] | None = None,
+    ensemble: Future[CalibratedEnsemble] | None = None,
 ) -> FingerprintReport:
+    """Score ``model`` against ``baseline``.
+
+    ``ensemble`` is the baseline's fitted ensemble when the caller started fitting it
+    already (:func:`start_ensemble_fit`); it depends only on the baseline, so :func:`scan`
+    fits it on a worker thread while the candidate loads and runs. ``timings`` receives
+    ``extract`` and ``detect`` seconds.
+    """
+    check_min_references(baseline, policy)
     m = baseline.manifest
-    if len(m.references) < policy.fingerprint.min_references:
-        raise BaselineError(
-            f"{baseline.path}: {len(m.references)} references, policy {policy.name!r} "
-            f"needs at least {policy.fingerprint.min_references}"
-        )
+    t0 = time.perf_counter()
     if m.layer_rule == "explicit":
         if m.layer not in model.layer_names():
             raise MismatchError(
@@ -136,7 +283,7 @@ def fingerprint_candidate(
     else:
         layer = resolve_layer(model, None)
     fp = _fingerprint_checked(
-        model, baseline.probes, layer, baseline.representation, what="candidate"
+        model, baseline.probes, layer, baseline.representation, what="candidate", cache=cache
     )
     if fp.output_size != m.output_size:
         raise MismatchError(
@@ -148,14 +295,15 @@ def fingerprint_candidate(
             f"{model.path}: candidate's fingerprint shape {list(fp.blocks)} differs from the "
             f"baseline's {m.blocks} (layer {layer!r}); wrong baseline for this model?"
         )
-    ensemble = CalibratedEnsemble([d.name for d in m.detectors], fp.blocks, seed=m.seed)
-    ensemble.fit(baseline.fingerprints, calibration=baseline.calibration)
-    verdict = ensemble.evaluate(fp.vector)
+    t1 = time.perf_counter()
+    fitted = (ensemble or start_ensemble_fit(baseline, threaded=False)).result()
+    with _one_thread():  # scoring one row: starting OpenMP pools costs more than it saves
+        verdict = fitted.evaluate(fp.vector)
     nearest = m.references[verdict.nearest_reference]
     ref_top = _reference_top_classes(baseline, fp.blocks)
     order = np.argsort(-verdict.row_deviation, kind="stable")[:TOP_PROBES]
     top_cls = fp.outputs.argmax(axis=1)
-    return FingerprintReport(
+    report = FingerprintReport(
         anomaly_score=_round(verdict.anomaly_score),
         p_value=_round(verdict.p_value),
         detectors=[
@@ -185,6 +333,52 @@ def fingerprint_candidate(
         baseline=baseline.path,
         n_references=len(m.references),
     )
+    if timings is not None:
+        timings["extract"] = timings.get("extract", 0.0) + (t1 - t0)
+        timings["detect"] = timings.get("detect", 0.0) + (time.perf_counter() - t1)
+    return report
+
+
+def _one_thread() -> AbstractContextManager[object]:
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - installed with scikit-learn
+        return nullcontext()
+    limits: AbstractContextManager[object] = threadpool_limits(limits=1)
+    return limits
+
+
+def check_min_references(baseline: Baseline, policy: Policy) -> None:
+    m = baseline.manifest
+    if len(m.references) < policy.fingerprint.min_references:
+        raise BaselineError(
+            f"{baseline.path}: {len(m.references)} references, policy {policy.name!r} "
+            f"needs at least {policy.fingerprint.min_references}"
+        )
+
+
+def start_ensemble_fit(baseline: Baseline, threaded: bool = True) -> Future[CalibratedEnsemble]:
+    """Fit the baseline's ensemble (deterministic: same result on any thread)."""
+    m = baseline.manifest
+    blocks = tuple((int(r), int(c)) for r, c in m.blocks)
+
+    def fit() -> CalibratedEnsemble:
+        ens = CalibratedEnsemble([d.name for d in m.detectors], blocks, seed=m.seed)
+        return ens.fit(baseline.fingerprints, calibration=baseline.calibration)
+
+    future: Future[CalibratedEnsemble] = Future()
+    if not threaded:
+        future.set_result(fit())
+        return future
+
+    def work() -> None:
+        try:
+            future.set_result(fit())
+        except BaseException as exc:  # handed to whoever waits on the result
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="gate-ensemble-fit", daemon=True).start()
+    return future
 
 
 def activation_clustering(
@@ -193,19 +387,55 @@ def activation_clustering(
     policy: ActivationClusteringPolicy,
     layer: str | None = None,
     seed: int = 0,
+    options: ACOptions | None = None,
 ) -> ActivationClusteringReport:
-    from gate.ac.clustering import cluster_classes
+    """Per-class activation clustering; activations are streamed to a temporary memmap."""
+    import shutil
+    import tempfile
 
+    from gate.ac.clustering import ACConfig, cluster_classes
+    from gate.ac.extract import stream_activations
+
+    opts = options or ACOptions()
     chosen = resolve_layer(model, layer)
+    tmp = tempfile.mkdtemp(prefix="gate-ac-")
     try:
-        acts = extract(model, data.x, [chosen]).activations[chosen]
-    except ModelLoadError as exc:
-        raise MismatchError(f"{exc} (does --data match the model's input?)") from None
-    classes = cluster_classes(acts, data.y, policy, seed=seed)
+        try:
+            streamed = stream_activations(model, data.x, chosen, tmp, pool=opts.pool)
+            exre_x = None
+            if opts.exre_layer:
+                exre_x = stream_activations(
+                    model, data.x, resolve_layer(model, opts.exre_layer), tmp, pool=opts.pool
+                ).activations
+        except ModelLoadError as exc:
+            raise MismatchError(f"{exc} (does --data match the model's input?)") from None
+        segments = streamed.predictions if opts.segment_by == "predicted" else data.y
+        config = ACConfig(
+            n_components=policy.n_components,
+            reduction=opts.reduction,
+            max_poison_fraction=policy.max_poison_fraction,
+            silhouette_threshold=policy.silhouette_threshold,
+            use_silhouette=policy.rule == "silhouette",
+            separation_threshold=policy.separation_threshold,
+            min_cluster_size=policy.min_cluster_size,
+            detector=opts.detector,
+            exre_threshold=opts.exre_threshold,
+            seed=seed,
+        )
+        classes = cluster_classes(
+            streamed.activations, segments, config, exre_x=exre_x, exre_hook=opts.exre_hook
+        )
+        del streamed, exre_x
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return ActivationClusteringReport(
         layer=chosen,
         data=data.path,
         n_samples=len(data),
+        reduction=opts.reduction,
+        segment_by=opts.segment_by,
+        detector=opts.detector,
+        exre="hook" if opts.exre_hook is not None else "linear",
         classes=[
             ClassReport(
                 label=c.label,
@@ -215,6 +445,19 @@ def activation_clustering(
                 suspicious_indices=list(c.suspicious_indices),
                 cluster_sizes=list(c.cluster_sizes),
                 skipped=c.skipped,
+                separation=c.separation,
+                small_fraction=c.small_fraction,
+                exre_score=c.exre_score,
+                suspected_source=c.suspected_source,
+                spectral=None
+                if c.spectral is None
+                else SpectralReport(
+                    separation=c.spectral.separation,
+                    top_ratio=c.spectral.top_ratio,
+                    flagged=c.spectral.flagged,
+                    n_suspicious=len(c.spectral.suspicious_indices),
+                ),
+                reasons=list(c.reasons),
             )
             for c in classes
         ],
@@ -228,9 +471,25 @@ def scan(
     policy: Policy,
     layer: str | None = None,
     seed: int = 0,
+    cache: ActivationCache | None = None,
+    timings: dict[str, float] | None = None,
+    ac_options: ACOptions | None = None,
 ) -> Report:
+    """Scan one candidate. ``timings`` (if given) receives load/extract/detect/ac seconds."""
+    ensemble = None
+    if baseline is not None:
+        check_min_references(baseline, policy)
+        ensemble = start_ensemble_fit(baseline)  # overlaps model load and forward passes
+    t0 = time.perf_counter()
     model = load_model(model_path)
-    fp = fingerprint_candidate(model, baseline, policy) if baseline is not None else None
+    if timings is not None:
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
+    fp = (
+        fingerprint_candidate(model, baseline, policy, cache, timings, ensemble)
+        if baseline is not None
+        else None
+    )
+    t_ac = time.perf_counter()
     ac = None
     if data is not None:
         if baseline is not None and list(data.input_shape) != baseline.manifest.input_shape:
@@ -238,7 +497,11 @@ def scan(
                 f"{data.path}: inputs have shape {list(data.input_shape)}, the baseline's family "
                 f"takes {baseline.manifest.input_shape}"
             )
-        ac = activation_clustering(model, data, policy.activation_clustering, layer, seed)
+        ac = activation_clustering(
+            model, data, policy.activation_clustering, layer, seed, ac_options
+        )
+    if timings is not None and data is not None:
+        timings["ac"] = timings.get("ac", 0.0) + time.perf_counter() - t_ac
     decision = decide(policy, fp, ac)
     return Report(
         gate_version=__version__,
@@ -253,10 +516,15 @@ def scan(
 
 
 def _fingerprint_checked(
-    model: LoadedModel, probes: ProbeSet, layer: str, rep: tuple[str, ...], what: str
+    model: LoadedModel,
+    probes: ProbeSet,
+    layer: str,
+    rep: tuple[str, ...],
+    what: str,
+    cache: ActivationCache | None = None,
 ) -> Fingerprint:
     try:
-        return fingerprint(model, probes, layer, rep)
+        return fingerprint(model, probes, layer, rep, cache=cache)
     except ModelLoadError as exc:
         raise MismatchError(
             f"{exc}; the {what} does not accept the probes' input shape "

@@ -83,7 +83,8 @@ def test_empty_inputs_mean_not_given(demo_dir: Path, demo_models: dict[str, Path
     assert proc.returncode == 1, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["policy"] == "default" and report["activation_clustering"] is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "summary.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.json", "summary.md", "timing.json"]
 
 
 # --- GitHub Actions -----------------------------------------------------------------------
@@ -127,7 +128,8 @@ def test_no_github_env_writes_nothing(demo_dir: Path, demo_models: dict[str, Pat
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    # Only the report directory and the activation cache (.gate-cache, see README).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gate-cache", "rep"]
 
 
 def test_step_summary_is_truncated(tmp_path: Path) -> None:
@@ -293,7 +295,8 @@ def test_action_contract_in_fresh_venv(fresh_venv: Path, demo_dir: Path,
     assert proc.returncode == 1, (shlex.join(argv), proc.stdout, proc.stderr)
     report_dir = workspace / "gate-report"
     assert sorted(p.name for p in report_dir.iterdir()) == sorted(
-        ["summary.md", "report.json", "gate.sarif", "junit.xml", "gl-code-quality.json"])
+        ["summary.md", "report.json", "gate.sarif", "junit.xml", "gl-code-quality.json",
+         "timing.json"])
     assert "verdict=fail" in outputs.read_text().splitlines()
     assert "report-dir=gate-report" in outputs.read_text().splitlines()
     assert summary.read_text().startswith("## ")

@@ -14,6 +14,15 @@ EXIT_FAIL = 1
 EXIT_ERROR = 2
 
 
+def set_threads(n: int) -> None:
+    """Limit torch and the BLAS/OpenMP pools to ``n`` threads (before they start)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch = sys.modules.get("torch")  # otherwise torch reads OMP_NUM_THREADS when imported
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -23,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    threads = getattr(args, "threads", None) or getattr(args, "global_threads", None)
+    if threads:
+        set_threads(threads)
     try:
         return int(args.handler(args))
     except GateError as exc:

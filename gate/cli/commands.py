@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gate.activations import ActivationCache
+    from gate.fingerprint.baseline import BaselineManifest
     from gate.policy.model import Policy
     from gate.report.schema import CheckResult, Report
 
@@ -17,21 +20,50 @@ STEP_SUMMARY_LIMIT = 1024 * 1024
 
 
 def baseline_build(args: argparse.Namespace) -> int:
-    from gate.fingerprint.baseline import save_baseline
-    from gate.scan import DEFAULT_REPRESENTATION, build_baseline
+    from gate.fingerprint.baseline import check_output_dir, save_baseline, save_shard
+    from gate.scan import DEFAULT_REPRESENTATION, build_baseline, build_baseline_shard
 
+    check_output_dir(Path(args.out), shard=args.shard is not None)  # before the slow part
     data = _load_data(args.data)
-    built = build_baseline(
-        args.models,
-        data=data,
-        input_shape=args.input_shape,
-        layer=args.layer,
-        seed=args.seed,
-        representation=args.representation or DEFAULT_REPRESENTATION,
-    )
+    options = {
+        "data": data,
+        "input_shape": args.input_shape,
+        "layer": args.layer,
+        "seed": args.seed,
+        "representation": args.representation or DEFAULT_REPRESENTATION,
+        "cache": _cache(args),
+        "quiet": args.quiet,
+    }
+    out = Path(args.out)
+    if args.shard is not None:
+        shard = build_baseline_shard(args.models, args.shard, **options)
+        save_shard(out, shard.manifest, shard.fingerprints, shard.probes)
+        sm = shard.manifest
+        print(
+            f"baseline shard {sm.shard}/{sm.shard_count} written to {out}: "
+            f"{len(sm.references)} of {sm.total_references} references; "
+            "combine the shards with `gate baseline merge`"
+        )
+        return 0
+    built = build_baseline(args.models, **options)
+    save_baseline(out, built.manifest, built.fingerprints, built.probes)
+    _report_baseline(out, built.manifest)
+    return 0
+
+
+def baseline_merge(args: argparse.Namespace) -> int:
+    from gate.fingerprint.baseline import check_output_dir, load_shard, save_baseline
+    from gate.scan import merge_baseline_shards
+
+    check_output_dir(Path(args.out))
+    built = merge_baseline_shards([load_shard(d) for d in args.shards])
     out = Path(args.out)
     save_baseline(out, built.manifest, built.fingerprints, built.probes)
-    m = built.manifest
+    _report_baseline(out, built.manifest)
+    return 0
+
+
+def _report_baseline(out: Path, m: BaselineManifest) -> None:
     print(
         f"baseline written to {out}: {len(m.references)} references, layer {m.layer!r}, "
         f"representation {m.representation}, {m.probes.count} probes"
@@ -41,7 +73,14 @@ def baseline_build(args: argparse.Namespace) -> int:
             f"gate: warning: only {len(m.references)} references; 10 or more give sharper p-values",
             file=sys.stderr,
         )
-    return 0
+
+
+def _cache(args: argparse.Namespace) -> ActivationCache | None:
+    if getattr(args, "no_cache", False):
+        return None
+    from gate.activations import DEFAULT_CACHE_DIR, ActivationCache
+
+    return ActivationCache(getattr(args, "cache_dir", None) or DEFAULT_CACHE_DIR)
 
 
 def baseline_show(args: argparse.Namespace) -> int:
@@ -53,6 +92,7 @@ def baseline_show(args: argparse.Namespace) -> int:
 
 
 def scan(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     from gate.fingerprint.baseline import load_baseline
     from gate.policy import load_policy
     from gate.report.formats import parse_formats
@@ -64,9 +104,45 @@ def scan(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     baseline = load_baseline(args.baseline)
     data = _load_data(args.data)
-    report = run_scan(args.model, baseline, data, policy, layer=args.layer, seed=args.seed)
-    _emit(report, formats, Path(args.report_dir), quiet=args.quiet)
+    timings: dict[str, float] = {"setup": time.perf_counter() - started}
+    cache = _cache(args)
+    report = run_scan(
+        args.model,
+        baseline,
+        data,
+        policy,
+        layer=args.layer,
+        seed=args.seed,
+        cache=cache,
+        timings=timings,
+    )
+    t_report = time.perf_counter()
+    report_dir = Path(args.report_dir)
+    _emit(report, formats, report_dir, quiet=args.quiet)
+    timings["report"] = time.perf_counter() - t_report
+    _write_timing(report_dir, timings, started, cache)
     return 1 if report.verdict == "fail" else 0
+
+
+def _write_timing(
+    report_dir: Path, timings: dict[str, float], started: float, cache: ActivationCache | None
+) -> None:
+    """timing.json: wall seconds per stage. Kept out of report.json, which is deterministic."""
+    from gate._io import write_text_atomic
+
+    order = ("setup", "load", "extract", "detect", "ac", "report")
+    seconds = {k: round(timings.get(k, 0.0), 4) for k in order}
+    doc = {
+        "seconds": {**seconds, "total": round(time.perf_counter() - started, 4)},
+        "cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+        "threads": _torch_threads(),
+    }
+    write_text_atomic(report_dir / "timing.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
 
 
 def ac(args: argparse.Namespace) -> int:
@@ -79,9 +155,45 @@ def ac(args: argparse.Namespace) -> int:
     # `gate ac` is a scan with activation clustering only: fingerprinting is not asked for.
     policy = policy.model_copy(update={"required_checks": ("activation_clustering",)})
     data = _load_data(args.data)
-    report = run_scan(args.model, None, data, policy, layer=args.layer, seed=args.seed)
+    from gate.ac.options import ACOptions, load_hook
+
+    options = ACOptions(
+        reduction=args.reduction,
+        segment_by=args.segment_by,
+        pool=args.pool,
+        detector=args.detector,
+        exre_threshold=args.exre_threshold,
+        exre_layer=args.exre_layer,
+        exre_hook=load_hook(args.exre_hook) if args.exre_hook else None,
+    )
+    report = run_scan(
+        args.model, None, data, policy, layer=args.layer, seed=args.seed, ac_options=options
+    )
     _emit(report, formats, Path(args.report_dir), quiet=args.quiet)
+    _write_ac_files(report, Path(args.report_dir), data.x if data is not None else None)
     return 1 if report.verdict == "fail" else 0
+
+
+def _write_ac_files(report: Report, report_dir: Path, x: object = None) -> None:
+    """suspicious.csv, clean_indices.npy and per flagged class a mosaic PNG."""
+    from gate._io import write_bytes_atomic, write_text_atomic
+    from gate.ac.outputs import clean_indices_npy, suspicious_csv
+
+    if report.activation_clustering is None:
+        return
+    write_text_atomic(report_dir / "suspicious.csv", suspicious_csv(report.activation_clustering))
+    npy = clean_indices_npy(report.activation_clustering)
+    write_bytes_atomic(report_dir / "clean_indices.npy", npy)
+    import numpy as np
+
+    from gate.ac.pictures import suspicious_mosaic
+
+    if not isinstance(x, np.ndarray):
+        return
+    for c in report.activation_clustering.classes:
+        png = suspicious_mosaic(x, c.suspicious_indices) if c.flagged else None
+        if png is not None:
+            write_bytes_atomic(report_dir / f"ac-class-{c.label}-suspicious.png", png)
 
 
 def inspect(args: argparse.Namespace) -> int:

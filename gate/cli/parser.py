@@ -43,6 +43,46 @@ def _alpha(text: str) -> float | None:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N like 2/4, got {text!r}") from None
+    if count < 1 or not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, got {text!r}")
+    return index, count
+
+
+def _threads(text: str) -> int | None:
+    if not text.strip():
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _add_perf_options(p: argparse.ArgumentParser) -> None:
+    """--threads, --cache-dir and --no-cache, shared by scan and baseline build."""
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        metavar="N",
+        help="CPU threads for torch and BLAS/OpenMP (default: their own default)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=_optional,
+        default=None,
+        metavar="DIR",
+        help="activation cache (default: .gate-cache/activations)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gate",
@@ -50,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 pass or warn, 1 policy failure, 2 usage or tool error.",
     )
     p.add_argument("--version", action="version", version=f"gate {__version__}")
+    p.add_argument(
+        "--threads",
+        dest="global_threads",
+        type=_threads,
+        metavar="N",
+        help="CPU threads for torch and BLAS/OpenMP, for any command",
+    )
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
     bl = sub.add_parser("baseline", help="build or show a baseline of known-clean models")
@@ -76,7 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw, logits, gram, or a '+' combination (default: logits)",
     )
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="fingerprint only slice I (1-based) of N of the models, in order, into a shard "
+        "directory; combine the N shards with `gate baseline merge`",
+    )
+    build.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_perf_options(build)
     build.set_defaults(handler=commands.baseline_build)
+    merge = blsub.add_parser(
+        "merge", help="combine the shards of `baseline build --shard` into one baseline"
+    )
+    merge.add_argument("shards", nargs="+", metavar="SHARD_DIR")
+    merge.add_argument("--out", required=True, metavar="DIR", help="baseline directory to write")
+    merge.set_defaults(handler=commands.baseline_merge)
     show = blsub.add_parser("show", help="print a baseline's manifest")
     show.add_argument("dir", metavar="DIR")
     show.set_defaults(handler=commands.baseline_show)
@@ -105,22 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the policy's fingerprint.fail_alpha (in (0, 1); warn_alpha is raised "
         "to it if lower)",
     )
-    scan.add_argument(
-        "--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR"
-    )
+    scan.add_argument("--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR")
     scan.add_argument(
         "--format",
         type=_optional,
         default=None,
         metavar="FMT[,FMT]",
-        help="report formats: markdown, json, sarif, junit, codequality "
-        "(default: markdown,json)",
+        help="report formats: markdown, json, sarif, junit, codequality (default: markdown,json)",
     )
     scan.add_argument(
         "--layer", type=_optional, metavar="NAME", help="layer for activation clustering"
     )
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--quiet", action="store_true", help="do not print the summary")
+    _add_perf_options(scan)
     scan.set_defaults(handler=commands.scan)
 
     ac = sub.add_parser("ac", help="per-class activation clustering on a training set")
@@ -132,6 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--layer", metavar="NAME")
     ac.add_argument("--seed", type=int, default=0)
     ac.add_argument("--quiet", action="store_true")
+    ac.add_argument("--reduction", choices=("ica", "pca"), default="pca")
+    ac.add_argument("--segment-by", choices=("label", "predicted"), default="label")
+    ac.add_argument("--pool", action="store_true", help="global-average-pool conv maps")
+    ac.add_argument(
+        "--detector",
+        choices=("ac", "spectral", "either"),
+        default="ac",
+        help="which opinion flags a class (both are always reported)",
+    )
+    ac.add_argument(
+        "--exre-threshold",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="also require ExRe l/p < T to flag (0: report only)",
+    )
+    ac.add_argument("--exre-layer", metavar="NAME", help="layer the fast ExRe classifier uses")
+    ac.add_argument(
+        "--exre-hook",
+        metavar="MODULE:FUNCTION",
+        help="full ExRe: f(x_train, y_train, x_cluster) -> labels (a trusted import path)",
+    )
     ac.set_defaults(handler=commands.ac)
 
     inspect = sub.add_parser("inspect", help="list a model's layers and their output shapes")

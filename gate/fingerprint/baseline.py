@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +25,7 @@ from gate.fingerprint.probes import PROBE_KINDS, ProbeSet, probe_hash
 from gate.models.base import Array
 
 MANIFEST = "baseline.json"
+SHARD_MANIFEST = "shard.json"
 ARRAYS = "fingerprints.npz"
 SCHEMA_VERSION = 1
 MIN_REFERENCES = 3
@@ -32,6 +33,9 @@ MIN_REFERENCES = 3
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ProbeInfo(_Frozen):
@@ -69,6 +73,40 @@ class BaselineManifest(_Frozen):
     seed: int
 
 
+class ShardManifest(_Frozen):
+    """One slice of a sharded baseline build (``gate baseline build --shard I/N``).
+
+    ``shard`` is 1-based; ``indices`` are the 0-based positions of this shard's references
+    in the full, ordered model list. Calibration is left to ``gate baseline merge``.
+    """
+
+    kind: Literal["gate-baseline-shard"] = "gate-baseline-shard"
+    schema_version: Literal[1] = 1
+    gate_version: str
+    shard: int
+    shard_count: int
+    total_references: int
+    indices: list[int]
+    input_shape: list[int]
+    output_size: int
+    layer: str
+    layer_rule: Literal["default", "explicit"]
+    representation: str
+    blocks: list[tuple[int, int]]
+    probes: ProbeInfo
+    references: list[ReferenceInfo]
+    detectors: list[str]
+    seed: int
+
+
+@dataclass(frozen=True)
+class BaselineShard:
+    manifest: ShardManifest
+    fingerprints: Array
+    probes: ProbeSet
+    path: str
+
+
 @dataclass(frozen=True)
 class Baseline:
     manifest: BaselineManifest
@@ -92,12 +130,24 @@ def data_digest(x: Array) -> str:
 def save_baseline(
     out: Path, manifest: BaselineManifest, fingerprints: Array, probes: ProbeSet
 ) -> None:
+    check_output_dir(out)
+    _write_dir(out, MANIFEST, manifest, fingerprints, probes)
+
+
+def check_output_dir(out: Path, shard: bool = False) -> None:
+    """Refuse to write a baseline (or shard) over a file or a directory of something else."""
+    name, what = (SHARD_MANIFEST, "baseline shard") if shard else (MANIFEST, "baseline")
     if out.exists() and not out.is_dir():
         raise BaselineError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / name).is_file():
         raise BaselineError(
-            f"{out}: directory is not empty and is not a baseline; refusing to overwrite"
+            f"{out}: directory is not empty and is not a {what}; refusing to overwrite"
         )
+
+
+def _write_dir(
+    out: Path, manifest_name: str, manifest: BaseModel, fingerprints: Array, probes: ProbeSet
+) -> None:
     kind_codes = np.array([PROBE_KINDS.index(k) for k in probes.kinds], dtype=np.uint8)
     write_npz(
         out / ARRAYS,
@@ -108,7 +158,63 @@ def save_baseline(
         },
     )
     text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-    write_text_atomic(out / MANIFEST, text)
+    write_text_atomic(out / manifest_name, text)
+
+
+def save_shard(out: Path, manifest: ShardManifest, fingerprints: Array, probes: ProbeSet) -> None:
+    check_output_dir(out, shard=True)
+    _write_dir(out, SHARD_MANIFEST, manifest, fingerprints, probes)
+
+
+def load_shard(path: str | Path) -> BaselineShard:
+    d = Path(path)
+    if not d.is_dir():
+        raise BaselineError(f"baseline shard directory not found: {d}")
+    mfile = d / SHARD_MANIFEST
+    if not mfile.is_file():
+        raise BaselineError(
+            f"{d}: not a gate baseline shard (no {SHARD_MANIFEST}); build one with "
+            "`gate baseline build --shard I/N`"
+        )
+    manifest = _read_manifest(mfile, ShardManifest, "shard")
+    fps, probes = _read_arrays(d, manifest.probes.sha256)
+    expected = sum(r * c for r, c in manifest.blocks)
+    n = len(manifest.references)
+    if fps.shape != (n, expected) or len(manifest.indices) != n:
+        raise BaselineError(
+            f"{d}: fingerprints have shape {fps.shape}, shard manifest says {(n, expected)}"
+        )
+    return BaselineShard(manifest, fps, probes, str(d))
+
+
+def _read_manifest(mfile: Path, cls: type[_M], what: str) -> _M:
+    try:
+        raw = json.loads(mfile.read_text(encoding="utf-8"))
+        return cls.model_validate(raw)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"{mfile}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise BaselineError(f"{mfile}: invalid {what} manifest at {where}: {err['msg']}") from None
+
+
+def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet]:
+    try:
+        with np.load(d / ARRAYS, allow_pickle=False) as npz:
+            fps = np.asarray(npz["fingerprints"], dtype=np.float32)
+            x = np.asarray(npz["probes"], dtype=np.float32)
+            codes = np.asarray(npz["probe_kinds"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise BaselineError(f"{d / ARRAYS}: unreadable baseline arrays ({exc})") from None
+    if probe_hash(x) != probes_sha256:
+        raise BaselineError(
+            f"{d}: stored probes do not match the manifest's probe hash (tampered or corrupt)"
+        )
+    if len(codes) != len(x) or (len(codes) and int(codes.max()) >= len(PROBE_KINDS)):
+        raise BaselineError(f"{d}: probe kinds do not match the probes")
+    kinds = tuple(PROBE_KINDS[int(c)] for c in codes)
+    return fps, ProbeSet(x=x, kinds=kinds, sha256=probes_sha256)
 
 
 def load_baseline(path: str | Path) -> Baseline:
@@ -174,12 +280,17 @@ __all__ = [
     "MIN_REFERENCES",
     "Baseline",
     "BaselineManifest",
+    "BaselineShard",
     "DetectorCalibration",
     "ProbeInfo",
     "ReferenceInfo",
+    "ShardManifest",
     "__version__",
+    "check_output_dir",
     "data_digest",
     "load_baseline",
+    "load_shard",
     "reference_names",
     "save_baseline",
+    "save_shard",
 ]

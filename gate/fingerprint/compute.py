@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gate.activations import extract
+from gate.activations import ActivationCache, extract_cached
 from gate.errors import LayerError
 from gate.fingerprint.probes import ProbeSet
 from gate.fingerprint.representations import fingerprint_blocks
@@ -31,9 +31,14 @@ def resolve_layer(model: LoadedModel, layer: str | None) -> str:
 
 
 def fingerprint(
-    model: LoadedModel, probes: ProbeSet, layer: str, representation: tuple[str, ...]
+    model: LoadedModel,
+    probes: ProbeSet,
+    layer: str,
+    representation: tuple[str, ...],
+    cache: ActivationCache | None = None,
 ) -> Fingerprint:
-    res = extract(model, probes.x, [layer])
+    """The fingerprint of ``model`` on ``probes``; activations go through ``cache`` if given."""
+    res = extract_cached(model, probes.x, [layer], probes.sha256, cache)
     acts = res.activations[layer]
     if not np.all(np.isfinite(acts)) or not np.all(np.isfinite(res.outputs)):
         raise LayerError(f"{model.path}: layer {layer!r} produced NaN or infinite activations")

@@ -105,23 +105,20 @@ def _ac_check(policy: Policy, ac: ActivationClusteringReport | None) -> CheckRes
     if ac is None:
         return _missing(policy, "activation_clustering", "no --data given")
     flagged = [c for c in ac.classes if c.flagged]
-    thr = policy.activation_clustering.silhouette_threshold
     if flagged:
         n = sum(len(c.suspicious_indices) for c in flagged)
-        labels = ", ".join(str(c.label) for c in flagged)
-        message = (
-            f"activation clustering flags class(es) {labels}: {n} suspicious training "
-            f"samples (silhouette > {thr})"
+        detail = "; ".join(
+            f"class {c.label}: {c.reasons[0]}" if c.reasons else f"class {c.label}" for c in flagged
         )
+        message = f"activation clustering flags {n} suspicious training samples ({detail})"
     else:
         message = f"activation clustering found no poisoned class in {ac.n_samples} samples"
     status = _apply_severity(policy, "activation_clustering", bool(flagged))
-    worst = max((c.silhouette or 0.0 for c in ac.classes), default=0.0)
     return CheckResult(
         name="activation_clustering",
         status=status,
         severity=policy.severity_of("activation_clustering"),
-        value=round(worst, 6),
-        threshold=thr,
+        value=len(flagged),
+        threshold=0,
         message=message,
     )

@@ -53,6 +53,15 @@ class FingerprintReport(_Model):
     n_references: int
 
 
+class SpectralReport(_Model):
+    """Spectral signature (Tran et al., 2018) of one class's activations."""
+
+    separation: float
+    top_ratio: float
+    flagged: bool
+    n_suspicious: int
+
+
 class ClassReport(_Model):
     label: int
     size: int
@@ -61,6 +70,12 @@ class ClassReport(_Model):
     suspicious_indices: list[int]
     cluster_sizes: list[int]
     skipped: str | None = None
+    separation: float | None = None
+    small_fraction: float | None = None
+    exre_score: float | None = None
+    suspected_source: int | None = None
+    spectral: SpectralReport | None = None
+    reasons: list[str] = []
 
 
 class ActivationClusteringReport(_Model):
@@ -68,6 +83,10 @@ class ActivationClusteringReport(_Model):
     data: str
     n_samples: int
     classes: list[ClassReport]
+    reduction: str = "ica"
+    segment_by: str = "label"
+    detector: str = "ac"
+    exre: str = "linear"
 
 
 class CheckResult(_Model):

@@ -1,0 +1,306 @@
+# ruff: noqa: E402, E501
+"""Activation Clustering benchmark: the paper's MNIST protocol (Chen et al., 2018) on load_digits.
+
+Trigger: inverted pixels in the bottom-right corner; every source class l has a fraction of
+its samples stamped and relabelled (l + 1) mod 10, at 10 %, 15 % and 33 %. Prints per-class
+detection accuracy and F1 (Table 1 style), silhouettes and separations of poisoned vs clean
+classes (Table 3 style), a clean-model control, the demo's BadNets model, optionally IBM
+ART's ActivationDefence side by side, and a 200k x 512 scale case.
+
+    make bench-ac            # or: .venv/bin/python bench/bench_ac.py [--quick] [--no-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")  # shared 2-core machines: oversubscription costs 30x
+
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gate.ac.clustering import ACConfig, cluster_classes
+from gate.demo.zoo import build_net, digits
+
+CACHE = REPO / ".gate-cache" / "bench-ac"
+TRIGGER = ((7, 7), (6, 6), (5, 7), (7, 5))
+
+
+def stamp(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    for r, c in TRIGGER:
+        out[..., r, c] = 1.0 - out[..., r, c]
+    return out
+
+
+def poisoned_set(rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x, y = digits("train")
+    if rate <= 0:
+        return x, y, np.zeros(len(x), dtype=bool)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(x), dtype=bool)
+    for c in range(10):
+        rows = np.flatnonzero(y == c)
+        mask[rng.choice(rows, round(rate * len(rows)), replace=False)] = True
+    x, y = x.copy(), y.copy()
+    x[mask] = stamp(x[mask])
+    y[mask] = (y[mask] + 1) % 10
+    return x, y, mask
+
+
+def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    net = build_net("cnn", 64)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for s in range(0, len(xt), 64):
+            b = perm[s : s + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[b]), yt[b]).backward()
+            opt.step()
+    return net.eval()
+
+
+def model_for(rate: float, x: np.ndarray, y: np.ndarray) -> Any:
+    import torch
+
+    path = CACHE / f"cnn-invpix-p{rate:g}.pt"
+    if path.is_file():
+        return torch.jit.load(str(path))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    net = train(x, y, seed=0)
+    torch.jit.save(torch.jit.script(net), str(path))
+    return torch.jit.load(str(path))
+
+
+def activations(net: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(last hidden layer, conv features, predictions) of the digits CNN."""
+    import torch
+
+    with torch.inference_mode():
+        xt = torch.from_numpy(x)
+        feats = net.features(xt).flatten(1)
+        hidden = torch.relu(net.fc(feats))
+        pred = net.head(hidden).argmax(1)
+    return hidden.numpy(), feats.numpy(), pred.numpy()
+
+
+def scores(res: list[Any], mask: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    flagged = np.zeros(len(y), dtype=bool)
+    for c in res:
+        flagged[list(c.suspicious_indices)] = True
+    tp = int((flagged & mask).sum())
+    fp = int((flagged & ~mask).sum())
+    fn = int((~flagged & mask).sum())
+    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+    per = {}
+    for c in res:
+        rows = y == c.label
+        t = int((flagged & mask & rows).sum())
+        f = int((flagged & ~mask & rows).sum())
+        n = int((~flagged & mask & rows).sum())
+        acc = float((flagged[rows] == mask[rows]).mean())
+        per[c.label] = (acc, 2 * t / max(2 * t + f + n, 1) if mask[rows].any() else float("nan"))
+    return {
+        "f1": f1,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "per": per,
+        "flags": [c.label for c in res if c.flagged],
+    }
+
+
+def class_table(res: list[Any], mask: np.ndarray, y: np.ndarray) -> None:
+    print(
+        "| class | poisoned | size | small frac | silhouette | separation | ExRe l/p | src | spectral sep | flagged |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in res:
+        pois = int(mask[y == c.label].sum())
+        sp = c.spectral.separation if c.spectral else float("nan")
+        print(
+            f"| {c.label} | {pois} | {c.size} | {c.small_fraction} | {c.silhouette} | {c.separation} "
+            f"| {c.exre_score} | {c.suspected_source} | {sp} | {c.flagged} |"
+        )
+
+
+def run_protocol(cfgs: dict[str, ACConfig], rates: list[float], verbose: bool) -> None:
+    print("## Paper protocol on load_digits (inverted-pixel trigger, l -> l+1)\n")
+    summary = []
+    for rate in rates:
+        x, y, mask = poisoned_set(rate)
+        net = model_for(rate, x, y)
+        hidden, feats, _ = activations(net, x)
+        for name, cfg in cfgs.items():
+            space = feats if "feat" in name else None
+            t0 = time.perf_counter()
+            res = cluster_classes(hidden, y, cfg, exre_x=space)
+            dt = time.perf_counter() - t0
+            s = scores(res, mask, y)
+            summary.append((rate, name, s, dt))
+            if verbose and name == next(iter(cfgs)):
+                print(f"### poison {rate:.0%}, config {name}\n")
+                class_table(res, mask, y)
+                print()
+    print("| poison | config | F1 | TP | FP | FN | flagged classes | mean class acc | time s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rate, name, s, dt in summary:
+        accs = [a for a, _ in s["per"].values()]
+        print(
+            f"| {rate:.0%} | {name} | {s['f1']:.3f} | {s['tp']} | {s['fp']} | {s['fn']} "
+            f"| {s['flags']} | {np.mean(accs):.3f} | {dt:.2f} |"
+        )
+    print()
+
+
+def run_demo_badnets(cfgs: dict[str, ACConfig]) -> None:
+    """The demo's BadNets CNN: 10 % poison all relabelled to 0 (class 0 about half poison)."""
+    import torch
+
+    from gate.demo.run import BACKDOORED
+    from gate.demo.zoo import materialise, training_set
+
+    path = materialise(BACKDOORED, REPO / ".gate-cache" / "demo" / "models")
+    net = torch.jit.load(str(path))
+    x, y, idx = training_set(BACKDOORED)
+    mask = np.zeros(len(y), dtype=bool)
+    mask[idx] = True
+    hidden, feats, _ = activations(net, x)
+    print("## Demo BadNets model (3x3 patch, 10 % -> class 0)\n")
+    for name, cfg in cfgs.items():
+        res = cluster_classes(hidden, y, cfg, exre_x=feats if "feat" in name else None)
+        s = scores(res, mask, y)
+        print(
+            f"* {name}: F1 {s['f1']:.3f} (TP {s['tp']}, FP {s['fp']}, FN {s['fn']}), flagged {s['flags']}"
+        )
+        if name == next(iter(cfgs)):
+            print()
+            class_table(res, mask, y)
+            print()
+    print()
+
+
+def run_art(rates: list[float]) -> None:
+    try:
+        from art.defences.detector.poison import ActivationDefence
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError as exc:
+        print(f"## IBM ART: not available ({exc}); `pip install '.[bench]'` to compare\n")
+        return
+    import torch
+
+    print("## IBM ART ActivationDefence (ICA-10, 2-means), last top-level module = logits\n")
+    print("| poison | analysis | F1 | flagged classes | time s |")
+    print("|---|---|---|---|---|")
+    for rate in rates:
+        x, y, mask = poisoned_set(rate)
+        net = build_net("cnn", 64)  # ART hooks modules: the same weights, as an nn.Module
+        net.load_state_dict(model_for(rate, x, y).state_dict())
+        net.eval()
+        clf = PyTorchClassifier(
+            model=net,
+            loss=torch.nn.CrossEntropyLoss(),
+            input_shape=(1, 8, 8),
+            nb_classes=10,
+            clip_values=(0.0, 1.0),
+        )
+        for analysis in ("smaller", "relative-size"):
+            d = ActivationDefence(clf, x, np.eye(10)[y])
+            t0 = time.perf_counter()
+            try:
+                _, is_clean = d.detect_poison(
+                    nb_clusters=2, nb_dims=10, reduce="FastICA", cluster_analysis=analysis
+                )
+            except Exception as exc:  # ART 1.20.1's relative-size breaks on numpy 2
+                print(f"| {rate:.0%} | {analysis} | error: {type(exc).__name__}: {exc} | | |")
+                continue
+            dt = time.perf_counter() - t0
+            flagged = np.asarray(is_clean) == 0
+            tp = int((flagged & mask).sum())
+            f1 = 2 * tp / max(flagged.sum() + mask.sum(), 1)
+            classes = sorted({int(v) for v in y[flagged]})
+            print(f"| {rate:.0%} | {analysis} | {f1:.3f} | {classes} | {dt:.2f} |")
+    print()
+
+
+def run_scale(n: int = 200_000, d: int = 512, classes: int = 10) -> None:
+    """Planted cluster in class 3 of a 200k x 512 float32 matrix; wall time and peak RSS."""
+    rng = np.random.default_rng(0)
+    acts = np.empty((n, d), dtype=np.float32)
+    y = rng.integers(0, classes, n).astype(np.int64)
+    for s in range(0, n, 20_000):
+        acts[s : s + 20_000] = rng.standard_normal((min(20_000, n - s), d), dtype=np.float32)
+    planted = np.flatnonzero(y == 3)[: int(0.1 * (y == 3).sum())]
+    acts[planted, :16] += 3.0
+    mask = np.zeros(n, dtype=bool)
+    mask[planted] = True
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    res = cluster_classes(acts, y, ACConfig())
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    s = scores(res, mask, y)
+    mb = acts.nbytes / 2**20
+    print("## Scale: 200,000 x 512 float32 activations, 10% planted cluster in class 3\n")
+    print(
+        f"* activation matrix {mb:.0f} MiB; peak RSS before clustering {base:.0f} MiB, after {peak:.0f} MiB"
+    )
+    print(f"* clustering wall time {dt:.1f} s; F1 {s['f1']:.3f}; flagged classes {s['flags']}\n")
+
+
+CONFIGS = {
+    "default (pca, k=2 or k=3 vs rest+ExRe, sep>5.5)": ACConfig(),
+    "pca, k=2 only, sep>5.5": ACConfig(max_clusters=2),
+    "pca, sep>5.5, ExRe<1": ACConfig(exre_threshold=1.0),
+    "pca, sep>5.5, ExRe<1 (conv feats)": ACConfig(exre_threshold=1.0),
+    "pca, k<=4 vs rest": ACConfig(max_clusters=4),
+    "ica, sep>5.5": ACConfig(reduction="ica"),
+    "pca, sep>4": ACConfig(separation_threshold=4.0),
+    "pca, size only": ACConfig(separation_threshold=0),
+    "ica, silhouette>0.15 (paper)": ACConfig(
+        reduction="ica", use_silhouette=True, separation_threshold=0
+    ),
+    "spectral (sep>5.5)": ACConfig(detector="spectral"),
+    "ac or spectral": ACConfig(detector="either"),
+}
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-scale", action="store_true")
+    ap.add_argument("--no-art", action="store_true")
+    args = ap.parse_args()
+    rates = [0.0, 0.10, 0.15, 0.33]
+    run_protocol(CONFIGS, rates, verbose=not args.quick)
+    run_demo_badnets(CONFIGS)
+    if not args.no_art:
+        run_art(rates[1:])
+    if not args.no_scale:
+        run_scale()
+    _ = replace
+
+
+if __name__ == "__main__":
+    main()
