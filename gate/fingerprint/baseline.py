@@ -57,8 +57,9 @@ class DetectorCalibration(_Frozen):
     calibration_scores: list[float]
 
 
-class BaselineManifest(_Frozen):
-    kind: Literal["gate-baseline"] = "gate-baseline"
+class _FamilyManifest(_Frozen):
+    """What identifies a model family's fingerprints; shared by baselines and their shards."""
+
     schema_version: Literal[1] = 1
     gate_version: str
     input_shape: list[int]
@@ -69,11 +70,15 @@ class BaselineManifest(_Frozen):
     blocks: list[tuple[int, int]]
     probes: ProbeInfo
     references: list[ReferenceInfo]
-    detectors: list[DetectorCalibration]
     seed: int
 
 
-class ShardManifest(_Frozen):
+class BaselineManifest(_FamilyManifest):
+    kind: Literal["gate-baseline"] = "gate-baseline"
+    detectors: list[DetectorCalibration]
+
+
+class ShardManifest(_FamilyManifest):
     """One slice of a sharded baseline build (``gate baseline build --shard I/N``).
 
     ``shard`` is 1-based; ``indices`` are the 0-based positions of this shard's references
@@ -81,22 +86,11 @@ class ShardManifest(_Frozen):
     """
 
     kind: Literal["gate-baseline-shard"] = "gate-baseline-shard"
-    schema_version: Literal[1] = 1
-    gate_version: str
     shard: int
     shard_count: int
     total_references: int
     indices: list[int]
-    input_shape: list[int]
-    output_size: int
-    layer: str
-    layer_rule: Literal["default", "explicit"]
-    representation: str
-    blocks: list[tuple[int, int]]
-    probes: ProbeInfo
-    references: list[ReferenceInfo]
     detectors: list[str]
-    seed: int
 
 
 @dataclass(frozen=True)
