@@ -340,11 +340,15 @@ def fingerprint_candidate(
 
 
 def _one_thread() -> AbstractContextManager[object]:
+    return _thread_limit(1)
+
+
+def _thread_limit(n: int) -> AbstractContextManager[object]:
     try:
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - installed with scikit-learn
         return nullcontext()
-    limits: AbstractContextManager[object] = threadpool_limits(limits=1)
+    limits: AbstractContextManager[object] = threadpool_limits(limits=n)
     return limits
 
 
@@ -388,27 +392,50 @@ def activation_clustering(
     layer: str | None = None,
     seed: int = 0,
     options: ACOptions | None = None,
+    cache: ActivationCache | None = None,
+    timings: dict[str, float] | None = None,
 ) -> ActivationClusteringReport:
-    """Per-class activation clustering; activations are streamed to a temporary memmap."""
+    """Per-class activation clustering; activations are streamed to a temporary memmap.
+
+    With ``cache``, activations are read from / written to the activation cache (keyed by
+    model sha256, data hash, layer and pooling). ``timings`` receives ``extract`` and
+    ``cluster`` seconds. Clustering runs under an OpenMP/BLAS thread limit
+    (:func:`gate.ac.options.clustering_threads`).
+    """
     import shutil
     import tempfile
 
     from gate.ac.clustering import ACConfig, cluster_classes
-    from gate.ac.extract import stream_activations
+    from gate.ac.extract import cached_activations, input_digest
+    from gate.ac.options import clustering_threads
+    from gate.ac.pictures import cluster_picture
 
     opts = options or ACOptions()
     chosen = resolve_layer(model, layer)
     tmp = tempfile.mkdtemp(prefix="gate-ac-")
+    t0 = time.perf_counter()
     try:
+        digest = input_digest(data.x) if cache is not None else None
         try:
-            streamed = stream_activations(model, data.x, chosen, tmp, pool=opts.pool)
+            streamed = cached_activations(
+                model, data.x, chosen, tmp, cache, digest, opts.pool, "activations", opts.quiet
+            )
             exre_x = None
             if opts.exre_layer:
-                exre_x = stream_activations(
-                    model, data.x, resolve_layer(model, opts.exre_layer), tmp, pool=opts.pool
+                exre_x = cached_activations(
+                    model,
+                    data.x,
+                    resolve_layer(model, opts.exre_layer),
+                    tmp,
+                    cache,
+                    digest,
+                    opts.pool,
+                    "ExRe activations",
+                    opts.quiet,
                 ).activations
         except ModelLoadError as exc:
             raise MismatchError(f"{exc} (does --data match the model's input?)") from None
+        t1 = time.perf_counter()
         segments = streamed.predictions if opts.segment_by == "predicted" else data.y
         config = ACConfig(
             n_components=policy.n_components,
@@ -422,12 +449,22 @@ def activation_clustering(
             exre_threshold=opts.exre_threshold,
             seed=seed,
         )
-        classes = cluster_classes(
-            streamed.activations, segments, config, exre_x=exre_x, exre_hook=opts.exre_hook
-        )
+        with _thread_limit(clustering_threads(opts.threads)):
+            classes = cluster_classes(
+                streamed.activations, segments, config, exre_x=exre_x, exre_hook=opts.exre_hook
+            )
         del streamed, exre_x
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if opts.pictures is not None:
+        for c in classes:
+            if c.flagged and c.plane is not None and c.cluster_of is not None:
+                rows = np.flatnonzero(segments == c.label)
+                bad = np.isin(rows, np.asarray(c.suspicious_indices, dtype=np.int64))
+                opts.pictures[c.label] = cluster_picture(c.plane, c.cluster_of, bad)
+    if timings is not None:
+        timings["extract"] = timings.get("extract", 0.0) + (t1 - t0)
+        timings["cluster"] = timings.get("cluster", 0.0) + (time.perf_counter() - t1)
     return ActivationClusteringReport(
         layer=chosen,
         data=data.path,
@@ -475,7 +512,8 @@ def scan(
     timings: dict[str, float] | None = None,
     ac_options: ACOptions | None = None,
 ) -> Report:
-    """Scan one candidate. ``timings`` (if given) receives load/extract/detect/ac seconds."""
+    """Scan one candidate. ``timings`` (if given) receives load/extract/detect/ac seconds
+    (and ac_extract/ac_cluster, the two parts of ac)."""
     ensemble = None
     if baseline is not None:
         check_min_references(baseline, policy)
@@ -497,9 +535,13 @@ def scan(
                 f"{data.path}: inputs have shape {list(data.input_shape)}, the baseline's family "
                 f"takes {baseline.manifest.input_shape}"
             )
+        ac_t: dict[str, float] = {}
         ac = activation_clustering(
-            model, data, policy.activation_clustering, layer, seed, ac_options
+            model, data, policy.activation_clustering, layer, seed, ac_options, cache, ac_t
         )
+        if timings is not None:
+            for k, v in ac_t.items():
+                timings[f"ac_{k}"] = timings.get(f"ac_{k}", 0.0) + v
     if timings is not None and data is not None:
         timings["ac"] = timings.get("ac", 0.0) + time.perf_counter() - t_ac
     decision = decide(policy, fp, ac)

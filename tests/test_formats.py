@@ -96,8 +96,10 @@ def check_sarif(text: str, report: Report) -> dict[str, Any]:
         assert rule_ids[result["ruleIndex"]] == result["ruleId"]
         assert result["message"]["text"] == check.message
         loc = result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
-        assert loc.replace("%20", " ").replace("%2C", ",").endswith(
-            report.model.path.removeprefix("./").lstrip("/")
+        assert (
+            loc.replace("%20", " ")
+            .replace("%2C", ",")
+            .endswith(report.model.path.removeprefix("./").lstrip("/"))
         )
     return doc
 
@@ -189,8 +191,15 @@ def demo_scan(
 ) -> tuple[Report, Path]:
     out = tmp_path_factory.mktemp("formats")
     proc = run_gate(
-        "scan", str(demo_models["backdoored"]), "--baseline", str(demo_dir / "baseline"),
-        "--report-dir", str(out), "--quiet", "--format", "json,sarif,junit,codequality",
+        "scan",
+        str(demo_models["backdoored"]),
+        "--baseline",
+        str(demo_dir / "baseline"),
+        "--report-dir",
+        str(out),
+        "--quiet",
+        "--format",
+        "json,sarif,junit,codequality",
     )
     assert proc.returncode == 1, proc.stderr
     return Report.model_validate_json((out / "report.json").read_text()), out

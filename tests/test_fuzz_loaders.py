@@ -30,9 +30,12 @@ from gate.errors import GateError
 from gate.models import load_model
 
 EXAMPLES = int(os.environ.get("GATE_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 60,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=EXAMPLES <= 60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 _SEED: bytes | None = None
 
@@ -77,9 +80,9 @@ def mutated(draw: st.DrawFn) -> bytes:
             data[pos:pos] = draw(st.binary(min_size=1, max_size=64))
         elif kind == "overwrite":
             chunk = draw(st.binary(min_size=1, max_size=64))
-            data[pos:pos + len(chunk)] = chunk
+            data[pos : pos + len(chunk)] = chunk
         else:
-            del data[pos:pos + draw(st.integers(1, 64))]
+            del data[pos : pos + draw(st.integers(1, 64))]
     return bytes(data)
 
 
@@ -102,7 +105,7 @@ def mutated_members(draw: st.DrawFn) -> bytes:
             del content[pos:]
         else:
             chunk = draw(st.binary(min_size=1, max_size=16))
-            content[pos:pos + len(chunk)] = chunk
+            content[pos : pos + len(chunk)] = chunk
     members[victim] = bytes(content)
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zout:
@@ -132,11 +135,13 @@ def test_damaged_members_are_loaded_or_refused(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.one_of(
-    st.binary(max_size=4096),
-    st.binary(max_size=512).map(lambda b: b"PK\x03\x04" + b),
-    st.binary(max_size=512).map(lambda b: b"\x80\x04" + b),
-    st.binary(max_size=512).map(lambda b: b"c" + b),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=4096),
+        st.binary(max_size=512).map(lambda b: b"PK\x03\x04" + b),
+        st.binary(max_size=512).map(lambda b: b"\x80\x04" + b),
+        st.binary(max_size=512).map(lambda b: b"c" + b),
+    )
+)
 def test_random_bytes_are_refused(data: bytes) -> None:
     _try_load(data)

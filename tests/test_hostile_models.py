@@ -37,8 +37,13 @@ def run_capped(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
 
     env = {k: v for k, v in os.environ.items() if k not in {"GITHUB_STEP_SUMMARY", "GATE_DEBUG"}}
     return subprocess.run(
-        [sys.executable, "-m", "gate", *args], capture_output=True, text=True, cwd=cwd,
-        env=env, timeout=300, preexec_fn=cap,
+        [sys.executable, "-m", "gate", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+        preexec_fn=cap,
     )
 
 
@@ -53,12 +58,14 @@ def torchscript_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=300)
     with zipfile.ZipFile(path) as zf:
-        assert any(n.endswith("code/__torch__/torch/nn/modules/container.py")
-                   for n in zf.namelist())
+        assert any(
+            n.endswith("code/__torch__/torch/nn/modules/container.py") for n in zf.namelist()
+        )
     return path
 
 
 # --- malicious pickles --------------------------------------------------------------------
+
 
 class _Reduce:
     """Pickles as ``func(*args)``: what an attacker's ``__reduce__`` does."""
@@ -79,34 +86,46 @@ def _handmade(module: str, name: str, arg: str, protocol: int) -> bytes:
     def short(s: str) -> bytes:
         return b"\x8c" + bytes([len(s)]) + s.encode()
 
-    return (b"\x80" + bytes([protocol]) + short(module) + short(name) + b"\x93"
-            + short(arg) + b"\x85R.")
+    return (
+        b"\x80" + bytes([protocol]) + short(module) + short(name) + b"\x93" + short(arg) + b"\x85R."
+    )
 
 
 PAYLOADS: dict[str, tuple[Callable[[Path, int], bytes], str]] = {
     "os.system": (lambda m, p: pickle.dumps(_Reduce(os.system, f"touch {m}"), p), "system"),
     "subprocess.Popen": (
-        lambda m, p: pickle.dumps(_Reduce(subprocess.Popen, ["touch", str(m)]), p), "Popen"),
+        lambda m, p: pickle.dumps(_Reduce(subprocess.Popen, ["touch", str(m)]), p),
+        "Popen",
+    ),
     "subprocess.check_call": (
         lambda m, p: pickle.dumps(_Reduce(subprocess.check_call, ["touch", str(m)]), p),
-        "check_call"),
+        "check_call",
+    ),
     "builtins.open": (lambda m, p: pickle.dumps(_Reduce(builtins.open, str(m), "w"), p), "open"),
     "builtins.exec": (
-        lambda m, p: pickle.dumps(_Reduce(builtins.exec, f"open({str(m)!r}, 'w')"), p), "exec"),
+        lambda m, p: pickle.dumps(_Reduce(builtins.exec, f"open({str(m)!r}, 'w')"), p),
+        "exec",
+    ),
     "builtins.eval": (
-        lambda m, p: pickle.dumps(_Reduce(builtins.eval, f"open({str(m)!r}, 'w')"), p), "eval"),
+        lambda m, p: pickle.dumps(_Reduce(builtins.eval, f"open({str(m)!r}, 'w')"), p),
+        "eval",
+    ),
     "importlib.import_module": (
         lambda m, p: pickle.dumps(_Reduce(importlib.import_module, "gate_evil_plugin"), p),
-        "import_module"),
+        "import_module",
+    ),
     "unknown module": (
-        lambda m, p: _handmade("gate_evil_plugin", "run", str(m), p), "gate_evil_plugin.run"),
+        lambda m, p: _handmade("gate_evil_plugin", "run", str(m), p),
+        "gate_evil_plugin.run",
+    ),
 }
 
 
 def _plant_plugin(tmp_path: Path, marker: Path) -> None:
     """A module that creates the marker when imported (cwd is on sys.path under ``-m``)."""
     (tmp_path / "gate_evil_plugin.py").write_text(
-        f"open({str(marker)!r}, 'w').close()\ndef run(*a):\n    open({str(marker)!r}, 'w')\n")
+        f"open({str(marker)!r}, 'w').close()\ndef run(*a):\n    open({str(marker)!r}, 'w')\n"
+    )
 
 
 def _torch_save_layout(path: Path, data_pkl: bytes) -> None:
@@ -149,9 +168,22 @@ def test_memo_indirection_still_names_the_global(tmp_path: Path) -> None:
     def short(s: str) -> bytes:
         return b"\x8c" + bytes([len(s)]) + s.encode()
 
-    data = (b"\x80\x04" + short("posix") + b"\x94" + short("system") + b"\x94" + b"0"
-            + b"0" + short("torch._utils") + short("_rebuild_tensor_v2") + b"\x93" + b"0"
-            + b"h\x00h\x01\x93" + short("true") + b"\x85R.")
+    data = (
+        b"\x80\x04"
+        + short("posix")
+        + b"\x94"
+        + short("system")
+        + b"\x94"
+        + b"0"
+        + b"0"
+        + short("torch._utils")
+        + short("_rebuild_tensor_v2")
+        + b"\x93"
+        + b"0"
+        + b"h\x00h\x01\x93"
+        + short("true")
+        + b"\x85R."
+    )
     model = tmp_path / "sneaky.pt"
     model.write_bytes(data)
     proc = run_capped("inspect", str(model))
@@ -203,6 +235,7 @@ def test_state_dict_is_not_a_model(tmp_path: Path) -> None:
 
 # --- tampered TorchScript -----------------------------------------------------------------
 
+
 def _rewrite(src: Path, dst: Path, edit: Callable[[str, bytes], bytes]) -> Path:
     changed = False
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
@@ -230,20 +263,28 @@ def _edit_forward(extra: str, ret: str | None = None) -> Callable[[str, bytes], 
 
 TAMPERED = {
     "print": (_edit_forward('    print("PWNED")'), "prim::Print"),
-    "from_file": (_edit_forward('    _9 = torch.from_file("/etc/hostname", False, 4)',
-                                "    return torch.add((_3).forward(input2, ), torch.sum(_9))"),
-                  "aten::from_file"),
+    "from_file": (
+        _edit_forward(
+            '    _9 = torch.from_file("/etc/hostname", False, 4)',
+            "    return torch.add((_3).forward(input2, ), torch.sum(_9))",
+        ),
+        "aten::from_file",
+    ),
     "custom_op": (_edit_forward("    _9 = ops.gate_evil.run(input2)"), "gate_evil::run"),
 }
 
 
 # Each of these crashed torch.jit.load with SIGSEGV (C stack overflow) when unguarded.
-TAMPERED.update({
-    "nested_parens": (_edit_forward("    _9 = " + "(" * 10000 + "input2" + ")" * 10000),
-                      "too deeply"),
-    "unary_chain": (_edit_forward("    _9 = " + "-" * 5000 + "input2"), "too deeply"),
-    "long_sum": (_edit_forward("    _9 = " + " + ".join(["input2"] * 20000)), "too deeply"),
-})
+TAMPERED.update(
+    {
+        "nested_parens": (
+            _edit_forward("    _9 = " + "(" * 10000 + "input2" + ")" * 10000),
+            "too deeply",
+        ),
+        "unary_chain": (_edit_forward("    _9 = " + "-" * 5000 + "input2"), "too deeply"),
+        "long_sum": (_edit_forward("    _9 = " + " + ".join(["input2"] * 20000)), "too deeply"),
+    }
+)
 
 
 @pytest.mark.parametrize("case", list(TAMPERED))
@@ -289,8 +330,9 @@ def test_setstate_never_runs_at_load(tmp_path: Path) -> None:
     """
     model = tmp_path / "hooked.pt"
     (tmp_path / "hooked.py").write_text(_HOOKED)
-    subprocess.run([sys.executable, str(tmp_path / "hooked.py"), str(model)], check=True,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, str(tmp_path / "hooked.py"), str(model)], check=True, timeout=300
+    )
     proc = run_capped("inspect", str(model))
     assert_one_line_error(proc, "__setstate__")
     assert "PWNED" not in proc.stdout
@@ -299,14 +341,18 @@ def test_setstate_never_runs_at_load(tmp_path: Path) -> None:
 def test_torchscript_with_malicious_data_pkl(torchscript_file: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = pickle.dumps(_Reduce(os.system, f"touch {marker}"), 2)
-    model = _rewrite(torchscript_file, tmp_path / "evil.pt",
-                     lambda name, data: evil if name.endswith("/data.pkl") else data)
+    model = _rewrite(
+        torchscript_file,
+        tmp_path / "evil.pt",
+        lambda name, data: evil if name.endswith("/data.pkl") else data,
+    )
     proc = run_capped("inspect", str(model))
     assert_one_line_error(proc, "system", "code execution")
     assert not marker.exists()
 
 
 # --- broken files -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cut", [1, 30, 100, 0.25, 0.5, 0.9, -22, -1])
 def test_truncated_torchscript(torchscript_file: Path, tmp_path: Path, cut: float) -> None:
@@ -317,12 +363,15 @@ def test_truncated_torchscript(torchscript_file: Path, tmp_path: Path, cut: floa
     assert_one_line_error(run_capped("inspect", str(model)))
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "empty"),
-    (random.Random(1).randbytes(1 << 16), "unrecognised model format"),
-    (b"PK\x03\x04" + random.Random(2).randbytes(512), "zip"),
-    (b"\x80\x05" + random.Random(3).randbytes(512), "pickle"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "empty"),
+        (random.Random(1).randbytes(1 << 16), "unrecognised model format"),
+        (b"PK\x03\x04" + random.Random(2).randbytes(512), "zip"),
+        (b"\x80\x05" + random.Random(3).randbytes(512), "pickle"),
+    ],
+)
 def test_garbage(tmp_path: Path, content: bytes, needle: str) -> None:
     model = tmp_path / "model.pt"
     model.write_bytes(content)
@@ -342,16 +391,19 @@ def test_format_is_chosen_by_content_not_extension(torchscript_file: Path, tmp_p
     assert_one_line_error(run_capped("inspect", str(npz)), "npz", "not a model")
 
 
-def _patch_sizes(path: Path, member: str, *, compressed: int | None = None,
-                 uncompressed: int | None = None) -> None:
+def _patch_sizes(
+    path: Path, member: str, *, compressed: int | None = None, uncompressed: int | None = None
+) -> None:
     """Forge ``member``'s sizes in both its local header and its central directory entry."""
     data = bytearray(path.read_bytes())
     name = member.encode()
-    for sig, comp_at, uncomp_at, name_at in ((b"PK\x03\x04", 18, 22, 30),
-                                             (b"PK\x01\x02", 20, 24, 46)):
+    for sig, comp_at, uncomp_at, name_at in (
+        (b"PK\x03\x04", 18, 22, 30),
+        (b"PK\x01\x02", 20, 24, 46),
+    ):
         pos = data.find(sig)
         while pos >= 0:
-            if data[pos + name_at: pos + name_at + len(name)] == name:
+            if data[pos + name_at : pos + name_at + len(name)] == name:
                 if compressed is not None:
                     struct.pack_into("<I", data, pos + comp_at, compressed)
                 if uncompressed is not None:
@@ -365,8 +417,10 @@ def test_zip_bomb_in_torchscript_archive(torchscript_file: Path, tmp_path: Path)
     model = tmp_path / "bomb.pt"
     model.write_bytes(torchscript_file.read_bytes())
     root = zipfile.ZipFile(torchscript_file).namelist()[0].split("/")[0]
-    with zipfile.ZipFile(model, "a", compression=zipfile.ZIP_DEFLATED) as zf, \
-            zf.open(f"{root}/data/99", "w", force_zip64=True) as member:
+    with (
+        zipfile.ZipFile(model, "a", compression=zipfile.ZIP_DEFLATED) as zf,
+        zf.open(f"{root}/data/99", "w", force_zip64=True) as member,
+    ):
         chunk = bytes(1 << 20)
         for _ in range(512):
             member.write(chunk)
@@ -404,8 +458,7 @@ def test_lying_small_size_fails_crc(torchscript_file: Path, tmp_path: Path) -> N
     assert_one_line_error(run_capped("inspect", str(model)))
 
 
-def test_bit_flip_in_stored_tensor_is_caught_by_crc(torchscript_file: Path,
-                                                   tmp_path: Path) -> None:
+def test_bit_flip_in_stored_tensor_is_caught_by_crc(torchscript_file: Path, tmp_path: Path) -> None:
     data = bytearray(torchscript_file.read_bytes())
     with zipfile.ZipFile(torchscript_file) as zin:
         info = next(i for i in zin.infolist() if i.filename.endswith("/data/0"))
@@ -415,5 +468,3 @@ def test_bit_flip_in_stored_tensor_is_caught_by_crc(torchscript_file: Path,
     model = tmp_path / "flipped.pt"
     model.write_bytes(bytes(data))
     assert_one_line_error(run_capped("inspect", str(model)), "CRC")
-
-

@@ -23,10 +23,20 @@ from tests.conftest import REPO, run_gate
 GITHUB_VARS = ("GITHUB_ACTIONS", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")
 
 
-def scan(demo_dir: Path, model: Path, out: Path, *extra: str,
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_gate("scan", str(model), "--baseline", str(demo_dir / "baseline"),
-                    "--report-dir", str(out), "--quiet", *extra, env=env)
+def scan(
+    demo_dir: Path, model: Path, out: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_gate(
+        "scan",
+        str(model),
+        "--baseline",
+        str(demo_dir / "baseline"),
+        "--report-dir",
+        str(out),
+        "--quiet",
+        *extra,
+        env=env,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +46,7 @@ def _no_github_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --- exit codes -------------------------------------------------------------------------
+
 
 def test_exit_0_pass(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path) -> None:
     proc = scan(demo_dir, demo_models["clean"], tmp_path, "--policy", "default")
@@ -57,16 +68,18 @@ def test_exit_1_fail(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Pat
 
 
 @pytest.mark.parametrize("bad", ["--fail-alpha=2", "--fail-alpha=abc", "--format=pdf"])
-def test_exit_2_usage(demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path,
-                      bad: str) -> None:
+def test_exit_2_usage(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path, bad: str
+) -> None:
     proc = scan(demo_dir, demo_models["clean"], tmp_path, bad)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "report.json").exists()
 
 
-def test_fail_alpha_overrides_policy(demo_dir: Path, demo_models: dict[str, Path],
-                                     tmp_path: Path) -> None:
+def test_fail_alpha_overrides_policy(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
     # A fail alpha below any reachable p-value lets the backdoored model through (with a warning).
     proc = scan(demo_dir, demo_models["backdoored"], tmp_path, "--fail-alpha", "1e-12")
     assert proc.returncode == 0, proc.stderr
@@ -75,27 +88,44 @@ def test_fail_alpha_overrides_policy(demo_dir: Path, demo_models: dict[str, Path
     assert fp_check["status"] == "warn"
 
 
-def test_empty_inputs_mean_not_given(demo_dir: Path, demo_models: dict[str, Path],
-                                     tmp_path: Path) -> None:
-    proc = run_gate("scan", str(demo_models["backdoored"]), f"--baseline={demo_dir / 'baseline'}",
-                    "--data=", "--policy=", "--format=", "--fail-alpha=", "--layer=",
-                    f"--report-dir={tmp_path}", "--quiet")
+def test_empty_inputs_mean_not_given(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    proc = run_gate(
+        "scan",
+        str(demo_models["backdoored"]),
+        f"--baseline={demo_dir / 'baseline'}",
+        "--data=",
+        "--policy=",
+        "--format=",
+        "--fail-alpha=",
+        "--layer=",
+        f"--report-dir={tmp_path}",
+        "--quiet",
+    )
     assert proc.returncode == 1, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["policy"] == "default" and report["activation_clustering"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "report.json", "summary.md", "timing.json"]
+        "report.json",
+        "summary.md",
+        "timing.json",
+    ]
 
 
 # --- GitHub Actions -----------------------------------------------------------------------
+
 
 def test_github_env_writes_summary_outputs_annotations(
     demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
     out, summary, outputs = tmp_path / "rep", tmp_path / "summary", tmp_path / "outputs"
     outputs.write_text("earlier=1\n")
-    env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary),
-           "GITHUB_OUTPUT": str(outputs)}
+    env = {
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_STEP_SUMMARY": str(summary),
+        "GITHUB_OUTPUT": str(outputs),
+    }
     proc = scan(demo_dir, demo_models["backdoored"], out, env=env)
     assert proc.returncode == 1, proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -110,21 +140,39 @@ def test_github_env_writes_summary_outputs_annotations(
     assert summary.read_text() == (out / "summary.md").read_text()
     annotations = [line for line in proc.stdout.splitlines() if line.startswith("::")]
     model = str(demo_models["backdoored"])
-    expected = [("error" if c["status"] == "fail" else "warning", c["message"])
-                for c in report["checks"] if c["status"] in {"fail", "warn"}]
+    expected = [
+        ("error" if c["status"] == "fail" else "warning", c["message"])
+        for c in report["checks"]
+        if c["status"] in {"fail", "warn"}
+    ]
     assert len(annotations) == len(expected)
     for line, (kind, message) in zip(annotations, expected, strict=True):
         assert line.startswith(f"::{kind} file={model},title=")
         assert line.endswith(f"::{message}")
 
 
-def test_no_github_env_writes_nothing(demo_dir: Path, demo_models: dict[str, Path],
-                                      tmp_path: Path) -> None:
+def test_no_github_env_writes_nothing(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if k not in GITHUB_VARS}
     proc = subprocess.run(
-        [sys.executable, "-m", "gate", "scan", str(demo_models["backdoored"]), "--baseline",
-         str(demo_dir / "baseline"), "--report-dir", str(tmp_path / "rep"), "--quiet"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "gate",
+            "scan",
+            str(demo_models["backdoored"]),
+            "--baseline",
+            str(demo_dir / "baseline"),
+            "--report-dir",
+            str(tmp_path / "rep"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
@@ -151,6 +199,7 @@ def test_annotation_escaping() -> None:
 
 # --- schemas and policies -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_committed_schemas_are_current(name: str) -> None:
     """Regenerate with `python -m gate.schemas` after changing the models."""
@@ -168,8 +217,9 @@ def test_policy_schema_command_and_shipped_policies() -> None:
         jsonschema.validate({"fingerprint": {"fail_alfa": 0.1}}, schema)
 
 
-def test_report_schema_validates_a_report(demo_dir: Path, demo_models: dict[str, Path],
-                                          tmp_path: Path) -> None:
+def test_report_schema_validates_a_report(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
     scan(demo_dir, demo_models["clean"], tmp_path)
     schema = json.loads((schema_dir() / "report.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "report.json").read_text()), schema)
@@ -177,20 +227,37 @@ def test_report_schema_validates_a_report(demo_dir: Path, demo_models: dict[str,
 
 def test_wheel_ships_policies_templates_schemas(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.name for p in (REPO / "policies").glob("*.yaml")}
     assert shipped and {f"gate/policies/{n}" for n in shipped} <= names
-    assert {"gate/report/templates/summary.md.j2", "gate/schemas/policy.schema.json",
-            "gate/schemas/report.schema.json", "gate/py.typed"} <= names
+    assert {
+        "gate/report/templates/summary.md.j2",
+        "gate/schemas/policy.schema.json",
+        "gate/schemas/report.schema.json",
+        "gate/py.typed",
+    } <= names
 
 
 # --- linters on the CI files -------------------------------------------------------------------
+
 
 def _tool(name: str) -> str:
     path = Path(sys.executable).parent / name
@@ -201,19 +268,28 @@ def _tool(name: str) -> str:
 
 
 def test_hadolint_dockerfile() -> None:
-    proc = subprocess.run([_tool("hadolint"), "Dockerfile"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [_tool("hadolint"), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize(("schema", "path"), [
-    ("vendor.github-workflows", "examples/github-workflow.yml"),
-    ("vendor.gitlab-ci", "examples/gitlab-ci.yml"),
-    ("vendor.github-actions", "action.yml"),
-])
+@pytest.mark.parametrize(
+    ("schema", "path"),
+    [
+        ("vendor.github-workflows", "examples/github-workflow.yml"),
+        ("vendor.gitlab-ci", "examples/gitlab-ci.yml"),
+        ("vendor.github-actions", "action.yml"),
+    ],
+)
 def test_check_jsonschema(schema: str, path: str) -> None:
-    proc = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", schema, path],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_tool("check-jsonschema"), "--builtin-schema", schema, path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -224,11 +300,14 @@ def test_examples_wire_the_reports() -> None:
     assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)
     gl = yaml.safe_load((REPO / "examples/gitlab-ci.yml").read_text())
     reports = gl[".gate-scan"]["artifacts"]["reports"]
-    assert reports == {"junit": "gate-report/junit.xml",
-                       "codequality": "gate-report/gl-code-quality.json"}
+    assert reports == {
+        "junit": "gate-report/junit.xml",
+        "codequality": "gate-report/gl-code-quality.json",
+    }
 
 
 # --- the Action/Docker contract -------------------------------------------------------------
+
 
 def entrypoint() -> list[str]:
     for line in (REPO / "Dockerfile").read_text().splitlines():
@@ -255,8 +334,15 @@ def action_args(inputs: dict[str, str]) -> list[str]:
 
 def test_action_inputs_and_outputs() -> None:
     action = yaml.safe_load((REPO / "action.yml").read_text())
-    assert set(action["inputs"]) == {"model", "baseline", "data", "policy", "formats",
-                                     "report-dir", "fail-threshold"}
+    assert set(action["inputs"]) == {
+        "model",
+        "baseline",
+        "data",
+        "policy",
+        "formats",
+        "report-dir",
+        "fail-threshold",
+    }
     assert set(action["outputs"]) == {"verdict", "anomaly-score", "report-dir"}
     assert action["name"] and action["description"] and action["branding"]
 
@@ -267,47 +353,80 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("fresh") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "-c",
-         str(REPO / "constraints.txt"), str(REPO)],
-        capture_output=True, text=True, timeout=600,
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-compile",
+            "-c",
+            str(REPO / "constraints.txt"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return venv
 
 
 @pytest.mark.slow
-def test_action_contract_in_fresh_venv(fresh_venv: Path, demo_dir: Path,
-                                       demo_models: dict[str, Path], tmp_path: Path) -> None:
+def test_action_contract_in_fresh_venv(
+    fresh_venv: Path, demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
     workspace = tmp_path / "workspace"  # plays /github/workspace
     (workspace / "models").mkdir(parents=True)
     shutil.copy(demo_models["backdoored"], workspace / "models" / "candidate.pt")
     shutil.copytree(demo_dir / "baseline", workspace / "models" / "baseline")
     outputs, summary = tmp_path / "outputs", tmp_path / "summary"
-    argv = entrypoint() + action_args({"model": "models/candidate.pt",
-                                       "baseline": "models/baseline",
-                                       "formats": "markdown,json,sarif,junit,codequality"})
+    argv = entrypoint() + action_args(
+        {
+            "model": "models/candidate.pt",
+            "baseline": "models/baseline",
+            "formats": "markdown,json,sarif,junit,codequality",
+        }
+    )
     argv[0] = str(fresh_venv / "bin" / argv[0])
-    env = {"PATH": f"{fresh_venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "GITHUB_ACTIONS": "true", "GITHUB_OUTPUT": str(outputs),
-           "GITHUB_STEP_SUMMARY": str(summary)}
-    proc = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        "PATH": f"{fresh_venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_OUTPUT": str(outputs),
+        "GITHUB_STEP_SUMMARY": str(summary),
+    }
+    proc = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, (shlex.join(argv), proc.stdout, proc.stderr)
     report_dir = workspace / "gate-report"
     assert sorted(p.name for p in report_dir.iterdir()) == sorted(
-        ["summary.md", "report.json", "gate.sarif", "junit.xml", "gl-code-quality.json",
-         "timing.json"])
+        [
+            "summary.md",
+            "report.json",
+            "gate.sarif",
+            "junit.xml",
+            "gl-code-quality.json",
+            "timing.json",
+        ]
+    )
     assert "verdict=fail" in outputs.read_text().splitlines()
     assert "report-dir=gate-report" in outputs.read_text().splitlines()
     assert summary.read_text().startswith("## ")
     assert "::error file=models/candidate.pt," in proc.stdout
     # the installed package finds its shipped policies without the source tree
-    show = subprocess.run([argv[0], "policy", "show", "strict"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    show = subprocess.run(
+        [argv[0], "policy", "show", "strict"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert show.returncode == 0 and "name: strict" in show.stdout, show.stderr
 
 
 # --- the image (needs a Docker daemon) --------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def docker_image() -> str:
@@ -324,8 +443,9 @@ def docker_image() -> str:
 
 
 @pytest.mark.slow
-def test_docker_image_scans_offline(docker_image: str, demo_dir: Path,
-                                    demo_models: dict[str, Path], tmp_path: Path) -> None:
+def test_docker_image_scans_offline(
+    docker_image: str, demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
     import docker
 
     workspace = tmp_path / "workspace"
@@ -335,9 +455,11 @@ def test_docker_image_scans_offline(docker_image: str, demo_dir: Path,
     os.chmod(workspace, 0o777)  # the image runs as uid 1001
     client = docker.from_env()
     container = client.containers.run(
-        docker_image, action_args({"model": "models/candidate.pt", "baseline": "models/baseline"}),
+        docker_image,
+        action_args({"model": "models/candidate.pt", "baseline": "models/baseline"}),
         volumes={str(workspace): {"bind": "/github/workspace", "mode": "rw"}},
-        network_disabled=True, detach=True,
+        network_disabled=True,
+        detach=True,
     )
     try:
         result = container.wait(timeout=600)

@@ -86,6 +86,9 @@ class ClassClustering:
     spectral: SpectralResult | None = None
     reasons: tuple[str, ...] = ()
     cluster_of: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
+    # Flagged classes only: the class's rows in the first two principal directions of the
+    # reduction (N x 2, in the order of the class's rows), for the cluster picture.
+    plane: npt.NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
 
 
 def cluster_classes(
@@ -212,6 +215,7 @@ def _one_class(
         spectral=spectral,
         reasons=reasons if flagged else (),
         cluster_of=assign,
+        plane=plane(reduced) if flagged else None,
     )
 
 
@@ -258,6 +262,17 @@ def reduce(
     for s in range(0, len(x), CHUNK):
         out[s : s + CHUNK] = model.transform(x[s : s + CHUNK])
     return out
+
+
+def plane(z: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """``z`` projected on its first two principal directions (sign fixed for determinism)."""
+    c = np.asarray(z, dtype=np.float64) - z.mean(axis=0)
+    if c.shape[1] < 2:
+        return np.column_stack([c[:, 0] if c.shape[1] else np.zeros(len(c)), np.zeros(len(c))])
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    v = vt[:2].T
+    v = v * np.where(v[np.abs(v).argmax(axis=0), [0, 1]] < 0, -1.0, 1.0)
+    return np.asarray(c @ v, dtype=np.float64)
 
 
 def separation(z: npt.NDArray[np.floating], assign: npt.NDArray[np.integer]) -> float:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from gate.ac.clustering import Detector, ExreHook, Reduction
 from gate.errors import UsageError
 
 SegmentBy = str  # "label" or "predicted"
+MAX_DEFAULT_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,19 @@ class ACOptions:
     exre_threshold: float = 0.0  # 0 = report ExRe l/p, do not require it to flag
     exre_layer: str | None = None
     exre_hook: ExreHook | None = None
+    threads: int | None = None  # OpenMP/BLAS threads for clustering (None: DEFAULT_THREADS)
+    quiet: bool = True  # no extraction progress on stderr
+    # When given, receives a cluster picture (PNG bytes) per flagged class label.
+    pictures: dict[int, bytes] | None = field(default=None, compare=False)
+
+
+def clustering_threads(requested: int | None) -> int:
+    """Threads for the per-class clustering: ``requested``, else half the CPUs (at most
+    :data:`MAX_DEFAULT_THREADS`). sklearn's KMeans/FastICA otherwise start an OpenMP pool as
+    wide as the machine, which on a loaded CI runner oversubscribes it badly."""
+    if requested:
+        return requested
+    return max(1, min(MAX_DEFAULT_THREADS, (os.cpu_count() or 1) // 2))
 
 
 def load_hook(spec: str) -> ExreHook:

@@ -120,7 +120,9 @@ def extract_cached(
 ) -> ForwardResult:
     """:func:`extract`, through ``cache`` when given (``input_hash`` identifies ``x``)."""
     layers = tuple(layers)
-    key = cache.key(model.sha256, input_hash, layers) if cache is not None else ""
+    # Models built from the user's code (--arch) also key on that code, not only the file.
+    identity = str(getattr(model, "cache_identity", model.sha256))
+    key = cache.key(identity, input_hash, layers) if cache is not None else ""
     if cache is not None:
         hit = cache.get(key, len(x), layers)
         if hit is not None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from gate.cli.parser import build_parser
 from gate.errors import GateError
@@ -23,6 +26,16 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _arch_context(args: argparse.Namespace) -> AbstractContextManager[object]:
+    """--arch/--arch-kwargs for the command's weights-only model files (gate.models.arch)."""
+    arch, kwargs = getattr(args, "arch", None), getattr(args, "arch_kwargs", None)
+    if arch is None and kwargs is None:
+        return contextlib.nullcontext()
+    from gate.models.arch import use_arch
+
+    return use_arch(arch, kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -36,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads:
         set_threads(threads)
     try:
-        return int(args.handler(args))
+        with _arch_context(args):
+            return int(args.handler(args))
     except GateError as exc:
         print(f"gate: error: {exc}", file=sys.stderr)
         return exc.exit_code

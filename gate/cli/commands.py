@@ -106,6 +106,10 @@ def scan(args: argparse.Namespace) -> int:
     data = _load_data(args.data)
     timings: dict[str, float] = {"setup": time.perf_counter() - started}
     cache = _cache(args)
+    from gate.ac.options import ACOptions
+
+    pictures: dict[int, bytes] = {}
+    ac_options = ACOptions(threads=_threads(args), quiet=args.quiet, pictures=pictures)
     report = run_scan(
         args.model,
         baseline,
@@ -115,22 +119,28 @@ def scan(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache=cache,
         timings=timings,
+        ac_options=ac_options,
     )
     t_report = time.perf_counter()
     report_dir = Path(args.report_dir)
     _emit(report, formats, report_dir, quiet=args.quiet)
+    if data is not None:
+        _write_ac_files(report, report_dir, data.x, pictures)
     timings["report"] = time.perf_counter() - t_report
     _write_timing(report_dir, timings, started, cache)
     return 1 if report.verdict == "fail" else 0
 
 
 def _write_timing(
-    report_dir: Path, timings: dict[str, float], started: float, cache: ActivationCache | None
+    report_dir: Path,
+    timings: dict[str, float],
+    started: float,
+    cache: ActivationCache | None,
+    order: tuple[str, ...] = ("setup", "load", "extract", "detect", "ac", "report"),
 ) -> None:
     """timing.json: wall seconds per stage. Kept out of report.json, which is deterministic."""
     from gate._io import write_text_atomic
 
-    order = ("setup", "load", "extract", "detect", "ac", "report")
     seconds = {k: round(timings.get(k, 0.0), 4) for k in order}
     doc = {
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 4)},
@@ -140,12 +150,18 @@ def _write_timing(
     write_text_atomic(report_dir / "timing.json", json.dumps(doc, indent=2) + "\n")
 
 
+def _threads(args: argparse.Namespace) -> int | None:
+    value = getattr(args, "threads", None) or getattr(args, "global_threads", None)
+    return int(value) if value else None
+
+
 def _torch_threads() -> int | None:
     torch = sys.modules.get("torch")
     return int(torch.get_num_threads()) if torch is not None else None
 
 
 def ac(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     from gate.policy import load_policy
     from gate.report.formats import parse_formats
     from gate.scan import scan as run_scan
@@ -157,6 +173,7 @@ def ac(args: argparse.Namespace) -> int:
     data = _load_data(args.data)
     from gate.ac.options import ACOptions, load_hook
 
+    pictures: dict[int, bytes] = {}
     options = ACOptions(
         reduction=args.reduction,
         segment_by=args.segment_by,
@@ -165,17 +182,39 @@ def ac(args: argparse.Namespace) -> int:
         exre_threshold=args.exre_threshold,
         exre_layer=args.exre_layer,
         exre_hook=load_hook(args.exre_hook) if args.exre_hook else None,
+        threads=_threads(args),
+        quiet=args.quiet,
+        pictures=pictures,
     )
+    timings: dict[str, float] = {"setup": time.perf_counter() - started}
+    cache = _cache(args)
     report = run_scan(
-        args.model, None, data, policy, layer=args.layer, seed=args.seed, ac_options=options
+        args.model,
+        None,
+        data,
+        policy,
+        layer=args.layer,
+        seed=args.seed,
+        cache=cache,
+        timings=timings,
+        ac_options=options,
     )
-    _emit(report, formats, Path(args.report_dir), quiet=args.quiet)
-    _write_ac_files(report, Path(args.report_dir), data.x if data is not None else None)
+    t_report = time.perf_counter()
+    report_dir = Path(args.report_dir)
+    _emit(report, formats, report_dir, quiet=args.quiet)
+    _write_ac_files(report, report_dir, data.x if data is not None else None, pictures)
+    timings["report"] = time.perf_counter() - t_report
+    timings["extract"], timings["cluster"] = timings["ac_extract"], timings["ac_cluster"]
+    order = ("setup", "load", "extract", "cluster", "report")
+    _write_timing(report_dir, timings, started, cache, order)
     return 1 if report.verdict == "fail" else 0
 
 
-def _write_ac_files(report: Report, report_dir: Path, x: object = None) -> None:
-    """suspicious.csv, clean_indices.npy and per flagged class a mosaic PNG."""
+def _write_ac_files(
+    report: Report, report_dir: Path, x: object = None, pictures: dict[int, bytes] | None = None
+) -> None:
+    """suspicious.csv, clean_indices.npy and per flagged class a cluster picture and (image
+    inputs) a mosaic of its suspicious samples."""
     from gate._io import write_bytes_atomic, write_text_atomic
     from gate.ac.outputs import clean_indices_npy, suspicious_csv
 
@@ -188,10 +227,14 @@ def _write_ac_files(report: Report, report_dir: Path, x: object = None) -> None:
 
     from gate.ac.pictures import suspicious_mosaic
 
-    if not isinstance(x, np.ndarray):
-        return
     for c in report.activation_clustering.classes:
-        png = suspicious_mosaic(x, c.suspicious_indices) if c.flagged else None
+        if c.flagged and pictures and c.label in pictures:
+            write_bytes_atomic(report_dir / f"ac-class-{c.label}-clusters.png", pictures[c.label])
+        png = (
+            suspicious_mosaic(x, c.suspicious_indices)
+            if c.flagged and isinstance(x, np.ndarray)
+            else None
+        )
         if png is not None:
             write_bytes_atomic(report_dir / f"ac-class-{c.label}-suspicious.png", png)
 

@@ -83,6 +83,23 @@ def _add_perf_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
 
 
+def _add_arch_options(p: argparse.ArgumentParser) -> None:
+    """--arch and --arch-kwargs: the architecture for weights-only model files."""
+    p.add_argument(
+        "--arch",
+        type=_optional,
+        metavar="MODULE:CLASS",
+        help="model class (a trusted import path from your code) for state_dict and "
+        "safetensors files",
+    )
+    p.add_argument(
+        "--arch-kwargs",
+        type=_optional,
+        metavar="JSON",
+        help="keyword arguments for the --arch class, as a JSON object",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gate",
@@ -132,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--quiet", action="store_true", help="no progress output")
     _add_perf_options(build)
+    _add_arch_options(build)
     build.set_defaults(handler=commands.baseline_build)
     merge = blsub.add_parser(
         "merge", help="combine the shards of `baseline build --shard` into one baseline"
@@ -181,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--quiet", action="store_true", help="do not print the summary")
     _add_perf_options(scan)
+    _add_arch_options(scan)
     scan.set_defaults(handler=commands.scan)
 
     ac = sub.add_parser("ac", help="per-class activation clustering on a training set")
@@ -214,12 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="full ExRe: f(x_train, y_train, x_cluster) -> labels (a trusted import path)",
     )
+    _add_perf_options(ac)
+    _add_arch_options(ac)
     ac.set_defaults(handler=commands.ac)
 
     inspect = sub.add_parser("inspect", help="list a model's layers and their output shapes")
     inspect.add_argument("model", metavar="MODEL")
     inspect.add_argument("--input-shape", type=_shape, metavar="C,H,W")
     inspect.add_argument("--data", metavar="DATA.npz", help="take the input shape from this data")
+    _add_arch_options(inspect)
     inspect.set_defaults(handler=commands.inspect)
 
     demo = sub.add_parser(

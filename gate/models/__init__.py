@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from gate.errors import ModelLoadError, UnsafeModelError
-from gate.models import safety, torchscript
+from gate.models import onnx_model, safety, statedict, torchscript
 from gate.models.base import ForwardResult, LayerInfo, LoadedModel
 
 __all__ = ["LOADERS", "ForwardResult", "LayerInfo", "LoadedModel", "load_model"]
@@ -29,12 +29,21 @@ class Loader:
     load: Callable[[Path], LoadedModel]
 
 
-LOADERS: tuple[Loader, ...] = (Loader(torchscript.FORMAT, torchscript.sniff, torchscript.load),)
+LOADERS: tuple[Loader, ...] = (
+    Loader(torchscript.FORMAT, torchscript.sniff, torchscript.load),
+    Loader(statedict.FORMAT, statedict.sniff, statedict.load),
+    Loader(statedict.SAFETENSORS_FORMAT, statedict.sniff_safetensors, statedict.load_safetensors),
+    Loader(onnx_model.FORMAT, onnx_model.sniff, onnx_model.load),
+)
 
 _HEAD_BYTES = 64
 _EXPORT_HINT = (
     "export the model as TorchScript with torch.jit.save(torch.jit.script(model), path) "
     "(or torch.jit.trace); gate never unpickles model files"
+)
+_ARCH_HINT = (
+    "load it from a torch.save(model.state_dict(), path) file or safetensors with "
+    "--arch package.module:ClassName naming the model class from your own code, or "
 )
 
 
@@ -85,7 +94,8 @@ def _explain_unsupported(path: Path, head: bytes) -> ModelLoadError:
     if head.startswith(b"\x93NUMPY"):
         return ModelLoadError(f"{path}: this is a NumPy .npy array, not a model")
     return ModelLoadError(
-        f"{path}: unrecognised model format (expected a TorchScript archive from torch.jit.save)"
+        f"{path}: unrecognised model format (expected a TorchScript archive from torch.jit.save, "
+        "a state_dict or safetensors file with --arch, or an ONNX model)"
     )
 
 
@@ -111,5 +121,5 @@ def refuse_pickle(path: Path, data: bytes | IO[bytes], what: str) -> ModelLoadEr
         )
     return ModelLoadError(
         f"{path}: {what} of bare tensors (a state_dict or weights file) is not a full model: "
-        f"it has no architecture; {_EXPORT_HINT}"
+        f"it has no architecture; {_ARCH_HINT}{_EXPORT_HINT}"
     )

@@ -26,55 +26,57 @@ MAX_PICKLE_SNIFF_BYTES = 64 << 20
 UNRESOLVED_GLOBAL = "<dynamically named global>"
 
 # Globals a plain tensor checkpoint legitimately references (torch.load's weights_only set).
-_SAFE_GLOBALS = frozenset({
-    "torch.FloatStorage",
-    "torch.DoubleStorage",
-    "torch.HalfStorage",
-    "torch.BFloat16Storage",
-    "torch.LongStorage",
-    "torch.IntStorage",
-    "torch.ShortStorage",
-    "torch.CharStorage",
-    "torch.ByteStorage",
-    "torch.BoolStorage",
-    "torch.storage.UntypedStorage",
-    "torch.storage.TypedStorage",
-    "torch.storage._load_from_bytes",
-    "torch._tensor._rebuild_from_type_v2",
-    "torch.Tensor",
-    "torch.nn.parameter.Parameter",
-    "collections.OrderedDict",
-    "torch.Size",
-    "torch.device",
-    "torch.dtype",
-    "torch.float32",
-    "torch.float64",
-    "torch.float16",
-    "torch.bfloat16",
-    "torch.int64",
-    "torch.int32",
-    "torch.int16",
-    "torch.int8",
-    "torch.uint8",
-    "torch.bool",
-    "torch.float",
-    "torch.double",
-    "torch.half",
-    "torch.int",
-    "torch.long",
-    "builtins.set",
-    "builtins.frozenset",
-    "builtins.slice",
-    "builtins.complex",
-    "__builtin__.set",
-    "__builtin__.frozenset",
-    "__builtin__.slice",
-    "__builtin__.complex",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
-    "numpy.dtype",
-    "numpy.ndarray",
-})
+_SAFE_GLOBALS = frozenset(
+    {
+        "torch.FloatStorage",
+        "torch.DoubleStorage",
+        "torch.HalfStorage",
+        "torch.BFloat16Storage",
+        "torch.LongStorage",
+        "torch.IntStorage",
+        "torch.ShortStorage",
+        "torch.CharStorage",
+        "torch.ByteStorage",
+        "torch.BoolStorage",
+        "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+        "torch.storage._load_from_bytes",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "collections.OrderedDict",
+        "torch.Size",
+        "torch.device",
+        "torch.dtype",
+        "torch.float32",
+        "torch.float64",
+        "torch.float16",
+        "torch.bfloat16",
+        "torch.int64",
+        "torch.int32",
+        "torch.int16",
+        "torch.int8",
+        "torch.uint8",
+        "torch.bool",
+        "torch.float",
+        "torch.double",
+        "torch.half",
+        "torch.int",
+        "torch.long",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.slice",
+        "builtins.complex",
+        "__builtin__.set",
+        "__builtin__.frozenset",
+        "__builtin__.slice",
+        "__builtin__.complex",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.dtype",
+        "numpy.ndarray",
+    }
+)
 _SAFE_PREFIXES = ("torch._utils._rebuild_",)
 # What TorchScript's own (C++, restricted) unpickler resolves in an archive's pickles.
 TORCHSCRIPT_SAFE_PREFIXES = ("__torch__.", "torch.jit._pickle.")
@@ -107,10 +109,17 @@ _DANGEROUS_MODULES = (
     "tempfile",
 )
 
-_STRING_OPCODES = frozenset({
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-    "BINUNICODE8",
-})
+_STRING_OPCODES = frozenset(
+    {
+        "STRING",
+        "BINSTRING",
+        "SHORT_BINSTRING",
+        "UNICODE",
+        "BINUNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE8",
+    }
+)
 _PUT_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _OPCODE_CHARS = frozenset(op.code for op in pickletools.opcodes)
@@ -267,11 +276,16 @@ def check_zip_integrity(path: Path, zf: zipfile.ZipFile) -> None:
     """
     try:
         bad = zf.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
-            NotImplementedError, RuntimeError) as exc:
-        raise ModelLoadError(
-            f"{path}: corrupt zip archive ({first_line(exc)}); refusing"
-        ) from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
+        raise ModelLoadError(f"{path}: corrupt zip archive ({first_line(exc)}); refusing") from None
     except Exception as exc:  # zlib.error and other decoder failures
         raise ModelLoadError(
             f"{path}: corrupt zip archive ({type(exc).__name__}: {first_line(exc)})"

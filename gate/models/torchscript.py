@@ -113,15 +113,19 @@ def _check_source_shape(path: Path, name: str, source: bytes) -> None:
         elif byte not in b" \t\n":
             unary_run = 0
     max_statement = max(max_statement, statement)
-    indent = max((len(line) - len(line.lstrip(b" \t")) for line in source.splitlines()),
-                 default=0)
+    indent = max((len(line) - len(line.lstrip(b" \t")) for line in source.splitlines()), default=0)
     words = source.split()
     max_not = max_run = 0
     for word in words:
         max_run = max_run + 1 if word == b"not" else 0
         max_not = max(max_not, max_run)
-    if (max_depth > MAX_NESTING or max_unary > MAX_NESTING or max_not > MAX_NESTING
-            or max_statement > MAX_STATEMENT_BYTES or indent > MAX_INDENT):
+    if (
+        max_depth > MAX_NESTING
+        or max_unary > MAX_NESTING
+        or max_not > MAX_NESTING
+        or max_statement > MAX_STATEMENT_BYTES
+        or indent > MAX_INDENT
+    ):
         raise ModelLoadError(
             f"{path}: {name!r} is nested or chained too deeply for TorchScript to parse safely "
             f"(nesting {max(max_depth, max_unary, max_not)}, longest statement "
