@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -57,3 +57,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def first_tensor(value: Any) -> Any:
+    """The first tensor in a model's output (a tensor, or nested tuples, lists, dicts)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return first_tensor(value[0])
+    if isinstance(value, dict) and value:
+        return first_tensor(next(iter(value.values())))
+    return None
+
+
+def tensor_to_numpy(t: Any) -> Array:
+    return np.asarray(t.detach().to("cpu").float().numpy(), dtype=np.float32)

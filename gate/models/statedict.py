@@ -24,7 +24,7 @@ import numpy as np
 
 from gate.errors import GateError, LayerError, ModelLoadError, UsageError, first_line
 from gate.models.arch import ArchSpec, build_module, code_identity, current_arch
-from gate.models.base import Array, ForwardResult, sha256_file
+from gate.models.base import Array, ForwardResult, first_tensor, sha256_file, tensor_to_numpy
 from gate.models.safety import check_zip_bounds, dangerous_globals, pickle_globals
 
 FORMAT = "state_dict"
@@ -231,12 +231,12 @@ class EagerModel:
 
         def keep(name: str) -> Any:
             def hook(_module: Any, _inputs: Any, output: Any) -> None:
-                captured[name] = _first_tensor(output)
+                captured[name] = first_tensor(output)
 
             return hook
 
         def keep_input(_module: Any, inputs: Any) -> None:
-            linear_inputs.append(_first_tensor(inputs))
+            linear_inputs.append(first_tensor(inputs))
 
         try:
             for name in layers:
@@ -257,7 +257,7 @@ class EagerModel:
         finally:
             for h in handles:
                 h.remove()
-        logits = _first_tensor(out)
+        logits = first_tensor(out)
         if logits is None:
             raise ModelLoadError(f"{self.path}: the model's output is not a tensor")
         if PENULTIMATE in layers and linear_inputs and linear_inputs[-1] is not None:
@@ -269,21 +269,5 @@ class EagerModel:
                 raise LayerError(
                     f"{self.path}: layer {name!r} did not produce a tensor in the forward pass"
                 )
-            acts[name] = _to_numpy(value)
-        return ForwardResult(outputs=_to_numpy(logits).reshape(len(x), -1), activations=acts)
-
-
-def _first_tensor(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value:
-        return _first_tensor(value[0])
-    if isinstance(value, dict) and value:
-        return _first_tensor(next(iter(value.values())))
-    return None
-
-
-def _to_numpy(t: Any) -> Array:
-    return np.asarray(t.detach().to("cpu").float().numpy(), dtype=np.float32)
+            acts[name] = tensor_to_numpy(value)
+        return ForwardResult(outputs=tensor_to_numpy(logits).reshape(len(x), -1), activations=acts)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gate.errors import GateError, LayerError, ModelLoadError, UnsafeModelError, first_line
-from gate.models.base import Array, ForwardResult, sha256_file
+from gate.models.base import Array, ForwardResult, first_tensor, sha256_file, tensor_to_numpy
 from gate.models.safety import (
     TORCHSCRIPT_SAFE_PREFIXES,
     check_zip_bounds,
@@ -255,11 +255,11 @@ class TorchScriptModel:
                 f"{first_line(exc)}"
             ) from None
         values = list(out) if isinstance(out, tuple) else [out]
-        logits = _first_tensor(values[0])
+        logits = first_tensor(values[0])
         if logits is None:
             raise ModelLoadError(f"{self.path}: the model's output is not a tensor")
-        acts = {name: _to_numpy(v) for name, v in zip(layers, values[1:], strict=True)}
-        return ForwardResult(outputs=_to_numpy(logits).reshape(len(x), -1), activations=acts)
+        acts = {name: tensor_to_numpy(v) for name, v in zip(layers, values[1:], strict=True)}
+        return ForwardResult(outputs=tensor_to_numpy(logits).reshape(len(x), -1), activations=acts)
 
     def _inlined_graph(self) -> Any:
         import torch
@@ -430,19 +430,3 @@ def _penultimate_index(graph: Any, index_of: dict[int, int]) -> int | None:
             return None
         node = next(iter(node.inputs())).node()
     return None
-
-
-def _first_tensor(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value:
-        return _first_tensor(value[0])
-    if isinstance(value, dict) and value:
-        return _first_tensor(next(iter(value.values())))
-    return None
-
-
-def _to_numpy(t: Any) -> Array:
-    return np.asarray(t.detach().to("cpu").float().numpy(), dtype=np.float32)
