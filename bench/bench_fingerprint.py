@@ -170,8 +170,9 @@ def scan_times(
 ) -> tuple[float, float, list[float], dict[str, list[float]]]:
     """Median wall time of ``gate scan`` (load + fingerprint + evaluate) on the test models."""
     from gate.fingerprint.baseline import load_baseline, save_baseline
+    from gate.fingerprint.build import build_baseline
     from gate.policy import load_policy
-    from gate.scan import build_baseline, scan
+    from gate.scan import scan
 
     refs = [str(m.path) for m in members if m.role == "reference"]
     t0 = time.perf_counter()

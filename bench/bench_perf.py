@@ -170,8 +170,9 @@ def _bare_forward(model_path: str, probes: Any) -> None:
 def scan_cost(name: str, family: tuple[list[str], str, dict[str, Any]], repeats: int) -> dict:
     from gate.data import load_npz
     from gate.fingerprint.baseline import load_baseline, save_baseline
+    from gate.fingerprint.build import build_baseline
     from gate.policy import load_policy
-    from gate.scan import build_baseline, scan
+    from gate.scan import scan
 
     refs, cand, info = family
     base_dir = PERF / name / "baseline"

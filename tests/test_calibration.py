@@ -15,8 +15,9 @@ import pytest
 from gate.data import Dataset
 from gate.demo.zoo import ZooSpec, digits, materialise
 from gate.fingerprint.baseline import load_baseline, save_baseline
+from gate.fingerprint.build import build_baseline
 from gate.policy import load_policy
-from gate.scan import build_baseline, scan
+from gate.scan import scan
 
 REFERENCES = [
     ZooSpec(seed=s, arch="mlp", epochs=15, subset=0.7 + 0.02 * (s % 8)) for s in range(1, 13)

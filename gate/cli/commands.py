@@ -21,7 +21,11 @@ STEP_SUMMARY_LIMIT = 1024 * 1024
 
 def baseline_build(args: argparse.Namespace) -> int:
     from gate.fingerprint.baseline import check_output_dir, save_baseline, save_shard
-    from gate.scan import DEFAULT_REPRESENTATION, build_baseline, build_baseline_shard
+    from gate.fingerprint.build import (
+        DEFAULT_REPRESENTATION,
+        build_baseline,
+        build_baseline_shard,
+    )
 
     check_output_dir(Path(args.out), shard=args.shard is not None)  # before the slow part
     data = _load_data(args.data)
@@ -53,7 +57,7 @@ def baseline_build(args: argparse.Namespace) -> int:
 
 def baseline_merge(args: argparse.Namespace) -> int:
     from gate.fingerprint.baseline import check_output_dir, load_shard, save_baseline
-    from gate.scan import merge_baseline_shards
+    from gate.fingerprint.build import merge_baseline_shards
 
     check_output_dir(Path(args.out))
     built = merge_baseline_shards([load_shard(d) for d in args.shards])

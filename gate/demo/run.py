@@ -19,9 +19,10 @@ def run_demo(workdir: Path) -> int:
 
     from gate._io import write_text_atomic
     from gate.fingerprint.baseline import save_baseline
+    from gate.fingerprint.build import build_baseline
     from gate.policy import load_policy
     from gate.report.formats import FORMATS
-    from gate.scan import build_baseline, scan
+    from gate.scan import scan
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     models_dir = workdir / "models"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.activations import ActivationCache, extract_cached
-from gate.errors import LayerError
+from gate.errors import LayerError, MismatchError, ModelLoadError
 from gate.fingerprint.probes import ProbeSet
 from gate.fingerprint.representations import fingerprint_blocks
 from gate.models.base import Array, LoadedModel
@@ -50,3 +50,20 @@ def fingerprint(
         output_size=int(res.outputs.shape[1]),
         outputs=res.outputs,
     )
+
+
+def fingerprint_checked(
+    model: LoadedModel,
+    probes: ProbeSet,
+    layer: str,
+    rep: tuple[str, ...],
+    what: str,
+    cache: ActivationCache | None = None,
+) -> Fingerprint:
+    try:
+        return fingerprint(model, probes, layer, rep, cache=cache)
+    except ModelLoadError as exc:
+        raise MismatchError(
+            f"{exc}; the {what} does not accept the probes' input shape "
+            f"{list(probes.x.shape[1:])} (another model family?)"
+        ) from None

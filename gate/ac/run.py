@@ -1,0 +1,137 @@
+"""Running activation clustering on a candidate's training data."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gate._threads import thread_limit
+from gate.ac.options import ACOptions
+from gate.activations import ActivationCache
+from gate.data import Dataset
+from gate.errors import MismatchError, ModelLoadError
+from gate.fingerprint.compute import resolve_layer
+from gate.models import LoadedModel
+from gate.policy.model import ActivationClusteringPolicy
+from gate.report.schema import (
+    ActivationClusteringReport,
+    ClassReport,
+    SpectralReport,
+)
+
+
+def activation_clustering(
+    model: LoadedModel,
+    data: Dataset,
+    policy: ActivationClusteringPolicy,
+    layer: str | None = None,
+    seed: int = 0,
+    options: ACOptions | None = None,
+    cache: ActivationCache | None = None,
+    timings: dict[str, float] | None = None,
+) -> ActivationClusteringReport:
+    """Per-class activation clustering; activations are streamed to a temporary memmap.
+
+    With ``cache``, activations are read from / written to the activation cache (keyed by
+    model sha256, data hash, layer and pooling). ``timings`` receives ``extract`` and
+    ``cluster`` seconds. Clustering runs under an OpenMP/BLAS thread limit
+    (:func:`gate.ac.options.clustering_threads`).
+    """
+    import shutil
+    import tempfile
+
+    from gate.ac.clustering import ACConfig, cluster_classes
+    from gate.ac.extract import cached_activations, input_digest
+    from gate.ac.options import clustering_threads
+    from gate.ac.pictures import cluster_picture
+
+    opts = options or ACOptions()
+    chosen = resolve_layer(model, layer)
+    tmp = tempfile.mkdtemp(prefix="gate-ac-")
+    t0 = time.perf_counter()
+    try:
+        digest = input_digest(data.x) if cache is not None else None
+        try:
+            streamed = cached_activations(
+                model, data.x, chosen, tmp, cache, digest, opts.pool, "activations", opts.quiet
+            )
+            exre_x = None
+            if opts.exre_layer:
+                exre_x = cached_activations(
+                    model,
+                    data.x,
+                    resolve_layer(model, opts.exre_layer),
+                    tmp,
+                    cache,
+                    digest,
+                    opts.pool,
+                    "ExRe activations",
+                    opts.quiet,
+                ).activations
+        except ModelLoadError as exc:
+            raise MismatchError(f"{exc} (does --data match the model's input?)") from None
+        t1 = time.perf_counter()
+        segments = streamed.predictions if opts.segment_by == "predicted" else data.y
+        config = ACConfig(
+            n_components=policy.n_components,
+            reduction=opts.reduction,
+            max_poison_fraction=policy.max_poison_fraction,
+            silhouette_threshold=policy.silhouette_threshold,
+            use_silhouette=policy.rule == "silhouette",
+            separation_threshold=policy.separation_threshold,
+            min_cluster_size=policy.min_cluster_size,
+            detector=opts.detector,
+            exre_threshold=opts.exre_threshold,
+            seed=seed,
+        )
+        with thread_limit(clustering_threads(opts.threads)):
+            classes = cluster_classes(
+                streamed.activations, segments, config, exre_x=exre_x, exre_hook=opts.exre_hook
+            )
+        del streamed, exre_x
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if opts.pictures is not None:
+        for c in classes:
+            if c.flagged and c.plane is not None and c.cluster_of is not None:
+                rows = np.flatnonzero(segments == c.label)
+                bad = np.isin(rows, np.asarray(c.suspicious_indices, dtype=np.int64))
+                opts.pictures[c.label] = cluster_picture(c.plane, c.cluster_of, bad)
+    if timings is not None:
+        timings["extract"] = timings.get("extract", 0.0) + (t1 - t0)
+        timings["cluster"] = timings.get("cluster", 0.0) + (time.perf_counter() - t1)
+    return ActivationClusteringReport(
+        layer=chosen,
+        data=data.path,
+        n_samples=len(data),
+        reduction=opts.reduction,
+        segment_by=opts.segment_by,
+        detector=opts.detector,
+        exre="hook" if opts.exre_hook is not None else "linear",
+        classes=[
+            ClassReport(
+                label=c.label,
+                size=c.size,
+                silhouette=c.silhouette,
+                flagged=c.flagged,
+                suspicious_indices=list(c.suspicious_indices),
+                cluster_sizes=list(c.cluster_sizes),
+                skipped=c.skipped,
+                separation=c.separation,
+                small_fraction=c.small_fraction,
+                exre_score=c.exre_score,
+                suspected_source=c.suspected_source,
+                spectral=None
+                if c.spectral is None
+                else SpectralReport(
+                    separation=c.spectral.separation,
+                    top_ratio=c.spectral.top_ratio,
+                    flagged=c.spectral.flagged,
+                    n_suspicious=len(c.spectral.suspicious_indices),
+                ),
+                reasons=list(c.reasons),
+            )
+            for c in classes
+        ],
+    )
