@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gate.ac.options import ACOptions
     from gate.activations import ActivationCache
-    from gate.fingerprint.baseline import BaselineManifest
+    from gate.data import Dataset
+    from gate.fingerprint.baseline import Baseline, BaselineManifest
     from gate.policy.model import Policy
     from gate.report.schema import CheckResult, Report
 
@@ -100,7 +102,6 @@ def scan(args: argparse.Namespace) -> int:
     from gate.fingerprint.baseline import load_baseline
     from gate.policy import load_policy
     from gate.report.formats import parse_formats
-    from gate.scan import scan as run_scan
 
     policy = load_policy(args.policy)
     if args.fail_alpha is not None:
@@ -108,29 +109,13 @@ def scan(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     baseline = load_baseline(args.baseline)
     data = _load_data(args.data)
-    timings: dict[str, float] = {"setup": time.perf_counter() - started}
-    cache = _cache(args)
     from gate.ac.options import ACOptions
 
     pictures: dict[int, bytes] = {}
     ac_options = ACOptions(threads=_threads(args), quiet=args.quiet, pictures=pictures)
-    report = run_scan(
-        args.model,
-        baseline,
-        data,
-        policy,
-        layer=args.layer,
-        seed=args.seed,
-        cache=cache,
-        timings=timings,
-        ac_options=ac_options,
+    report, timings, cache, report_dir = _run_and_report(
+        args, baseline, data, policy, formats, ac_options, pictures, started
     )
-    t_report = time.perf_counter()
-    report_dir = Path(args.report_dir)
-    _emit(report, formats, report_dir, quiet=args.quiet)
-    if data is not None:
-        _write_ac_files(report, report_dir, data.x, pictures)
-    timings["report"] = time.perf_counter() - t_report
     _write_timing(report_dir, timings, started, cache)
     return 1 if report.verdict == "fail" else 0
 
@@ -168,7 +153,6 @@ def ac(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from gate.policy import load_policy
     from gate.report.formats import parse_formats
-    from gate.scan import scan as run_scan
 
     policy = load_policy(args.policy)
     formats = parse_formats(args.format)
@@ -190,28 +174,47 @@ def ac(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         pictures=pictures,
     )
+    report, timings, cache, report_dir = _run_and_report(
+        args, None, data, policy, formats, options, pictures, started
+    )
+    timings["extract"], timings["cluster"] = timings["ac_extract"], timings["ac_cluster"]
+    order = ("setup", "load", "extract", "cluster", "report")
+    _write_timing(report_dir, timings, started, cache, order)
+    return 1 if report.verdict == "fail" else 0
+
+
+def _run_and_report(
+    args: argparse.Namespace,
+    baseline: Baseline | None,
+    data: Dataset | None,
+    policy: Policy,
+    formats: list,  # type: ignore[type-arg]
+    ac_options: ACOptions,
+    pictures: dict[int, bytes],
+    started: float,
+) -> tuple[Report, dict[str, float], ActivationCache | None, Path]:
+    """The part `gate scan` and `gate ac` share: run, then write every report file."""
+    from gate.scan import scan as run_scan
+
     timings: dict[str, float] = {"setup": time.perf_counter() - started}
     cache = _cache(args)
     report = run_scan(
         args.model,
-        None,
+        baseline,
         data,
         policy,
         layer=args.layer,
         seed=args.seed,
         cache=cache,
         timings=timings,
-        ac_options=options,
+        ac_options=ac_options,
     )
     t_report = time.perf_counter()
     report_dir = Path(args.report_dir)
     _emit(report, formats, report_dir, quiet=args.quiet)
     _write_ac_files(report, report_dir, data.x if data is not None else None, pictures)
     timings["report"] = time.perf_counter() - t_report
-    timings["extract"], timings["cluster"] = timings["ac_extract"], timings["ac_cluster"]
-    order = ("setup", "load", "extract", "cluster", "report")
-    _write_timing(report_dir, timings, started, cache, order)
-    return 1 if report.verdict == "fail" else 0
+    return report, timings, cache, report_dir
 
 
 def _write_ac_files(

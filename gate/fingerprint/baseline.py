@@ -220,28 +220,8 @@ def load_baseline(path: str | Path) -> Baseline:
         raise BaselineError(
             f"{d}: not a gate baseline (no {MANIFEST}); build one with `gate baseline build`"
         )
-    try:
-        raw = json.loads(mfile.read_text(encoding="utf-8"))
-        manifest = BaselineManifest.model_validate(raw)
-    except json.JSONDecodeError as exc:
-        raise BaselineError(f"{mfile}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise BaselineError(
-            f"{mfile}: invalid baseline manifest at {where}: {err['msg']}"
-        ) from None
-    try:
-        with np.load(d / ARRAYS, allow_pickle=False) as npz:
-            fps = np.asarray(npz["fingerprints"], dtype=np.float32)
-            x = np.asarray(npz["probes"], dtype=np.float32)
-            codes = np.asarray(npz["probe_kinds"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise BaselineError(f"{d / ARRAYS}: unreadable baseline arrays ({exc})") from None
-    if probe_hash(x) != manifest.probes.sha256:
-        raise BaselineError(
-            f"{d}: stored probes do not match the manifest's probe hash (tampered or corrupt)"
-        )
+    manifest = _read_manifest(mfile, BaselineManifest, "baseline")
+    fps, probes = _read_arrays(d, manifest.probes.sha256)
     n_refs = len(manifest.references)
     expected = sum(r * c for r, c in manifest.blocks)
     if fps.shape != (n_refs, expected):
@@ -252,12 +232,7 @@ def load_baseline(path: str | Path) -> Baseline:
         raise BaselineError(
             f"{d}: baseline has {n_refs} references; at least {MIN_REFERENCES} are needed"
         )
-    if len(codes) != len(x) or (len(codes) and int(codes.max()) >= len(PROBE_KINDS)):
-        raise BaselineError(f"{d}: probe kinds do not match the probes")
-    kinds = tuple(PROBE_KINDS[int(c)] for c in codes)
-    return Baseline(
-        manifest, fps, ProbeSet(x=x, kinds=kinds, sha256=manifest.probes.sha256), str(d)
-    )
+    return Baseline(manifest, fps, probes, str(d))
 
 
 def reference_names(paths: Sequence[str]) -> list[str]:

@@ -292,3 +292,14 @@ def check_zip_integrity(path: Path, zf: zipfile.ZipFile) -> None:
         ) from None
     if bad is not None:
         raise ModelLoadError(f"{path}: archive member {bad!r} fails its CRC check (corrupt)")
+
+
+def zip_member_names(path: Path, head: bytes) -> list[str] | None:
+    """Member names of a zip archive, or None when ``path`` is not a readable zip."""
+    if not head.startswith(b"PK"):
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except Exception:  # BadZipFile, OSError, EOFError, ... on damaged archives
+        return None

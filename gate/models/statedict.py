@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from gate.errors import GateError, LayerError, ModelLoadError, UsageError, first_line
+from gate.models import safety
 from gate.models.arch import ArchSpec, build_module, code_identity, current_arch
 from gate.models.base import Array, ForwardResult, first_tensor, sha256_file, tensor_to_numpy
 from gate.models.safety import check_zip_bounds, dangerous_globals, pickle_globals
@@ -43,12 +44,8 @@ _ARCH_HINT = (
 
 def sniff(path: Path, head: bytes) -> bool:
     """A torch.save() zip checkpoint: a ``data.pkl`` and no TorchScript ``code/``."""
-    if not head.startswith(b"PK"):
-        return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except Exception:  # BadZipFile, OSError, EOFError, ... on damaged archives
+    names = safety.zip_member_names(path, head)
+    if names is None:
         return False
     has_pickle = any(n.endswith("/data.pkl") for n in names)
     return has_pickle and not any("/code/" in n for n in names)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from gate.errors import GateError, LayerError, ModelLoadError, UnsafeModelError, first_line
+from gate.models import safety
 from gate.models.base import Array, ForwardResult, first_tensor, sha256_file, tensor_to_numpy
 from gate.models.safety import (
     TORCHSCRIPT_SAFE_PREFIXES,
@@ -55,12 +56,8 @@ _PASSTHROUGH_OPS = {
 
 def sniff(path: Path, head: bytes) -> bool:
     """A zip whose records sit under one root with ``code/`` sources and ``constants.pkl``."""
-    if not head.startswith(b"PK"):
-        return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except Exception:  # BadZipFile, OSError, EOFError, ... on damaged archives
+    names = safety.zip_member_names(path, head)
+    if names is None:
         return False
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
