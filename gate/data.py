@@ -1,7 +1,10 @@
-"""Loading and validating labelled data sets (``.npz`` with ``x`` and ``y``)."""
+"""Loading and validating labelled data sets: ``.npz`` with ``x`` and ``y`` (tensors), or
+JSONL with ``text`` and ``label`` per line (for text models), told apart by content."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +13,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gate.errors import DataError, first_line
+from gate.errors import DataError, MismatchError, first_line
+from gate.models.base import LoadedModel, TextInput
+
+MAX_JSONL_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -78,3 +84,97 @@ def validate_arrays(x: npt.NDArray[Any], y: npt.NDArray[Any], where: str) -> Dat
     if np.any(y < 0):
         raise DataError(f"{where}: 'y' contains negative labels")
     return Dataset(x=xf, y=np.asarray(y, dtype=np.int64), path=where)
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Texts and integer labels from a JSONL file; a text model's tokenizer makes them inputs."""
+
+    texts: tuple[str, ...]
+    y: npt.NDArray[np.int64]
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the texts and labels (identifies the data in a baseline's probe source)."""
+        h = hashlib.sha256()
+        for text, label in zip(self.texts, self.y.tolist(), strict=True):
+            h.update(json.dumps([text, label], ensure_ascii=False).encode("utf-8") + b"\n")
+        return h.hexdigest()
+
+
+def load_data(path: str | Path) -> Dataset | TextData:
+    """``--data``: JSONL when the file starts with ``{`` (after whitespace), else ``.npz``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read data file ({exc.strerror or exc})") from None
+    if not head and p.stat().st_size <= 4096:
+        raise DataError(f"{p}: data file is empty")
+    return load_jsonl(p) if head.startswith(b"{") else load_npz(p)
+
+
+def load_jsonl(path: str | Path) -> TextData:
+    """One JSON object per line with a string ``text`` and an integer ``label`` >= 0."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_JSONL_BYTES:
+            raise DataError(f"{p}: JSONL data is larger than {MAX_JSONL_BYTES >> 30} GiB")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read data file ({exc.strerror or exc})") from None
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: JSONL data is not UTF-8 (byte {exc.start})") from None
+    texts: list[str] = []
+    labels: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{p}: line {number} is not a JSON object with text and label")
+        missing = [k for k in ("text", "label") if k not in record]
+        if missing:
+            raise DataError(f"{p}: line {number} has no {' or '.join(repr(k) for k in missing)}")
+        text, label = record["text"], record["label"]
+        if not isinstance(text, str):
+            raise DataError(f"{p}: line {number}: 'text' must be a string")
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise DataError(
+                f"{p}: line {number}: 'label' must be an integer class label, got {label!r}"
+            )
+        if label < 0:
+            raise DataError(f"{p}: line {number}: 'label' must not be negative")
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise DataError(f"{p}: data set is empty (no JSONL records)")
+    return TextData(tuple(texts), np.asarray(labels, dtype=np.int64), str(p))
+
+
+def model_input(model: LoadedModel, data: Dataset | TextData) -> Dataset:
+    """``data`` as ``model`` takes it: texts through a text model's tokenizer."""
+    if isinstance(data, TextData):
+        if not isinstance(model, TextInput):
+            raise MismatchError(
+                f"{data.path}: text data (JSONL), but {model.path} is not a text model"
+            )
+        return Dataset(x=model.tokenize(data.texts), y=data.y, path=data.path)
+    if isinstance(model, TextInput):
+        raise MismatchError(
+            f"{data.path}: {model.path} is a text model; give --data as JSONL lines with "
+            '"text" and "label"'
+        )
+    return data

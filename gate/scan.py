@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import Future
 
 import numpy as np
 
-from gate._threads import thread_limit
 from gate._version import __version__
 from gate.ac.options import ACOptions
 from gate.ac.run import activation_clustering
 from gate.activations import ActivationCache
-from gate.data import Dataset
+from gate.data import Dataset, TextData, model_input
 from gate.detectors.ensemble import CalibratedEnsemble
 from gate.errors import BaselineError, MismatchError
 from gate.fingerprint.baseline import (
@@ -41,15 +38,9 @@ def fingerprint_candidate(
     policy: Policy,
     cache: ActivationCache | None = None,
     timings: dict[str, float] | None = None,
-    ensemble: Future[CalibratedEnsemble] | None = None,
 ) -> FingerprintReport:
-    """Score ``model`` against ``baseline``.
-
-    ``ensemble`` is the baseline's fitted ensemble when the caller started fitting it
-    already (:func:`start_ensemble_fit`); it depends only on the baseline, so :func:`scan`
-    fits it on a worker thread while the candidate loads and runs. ``timings`` receives
-    ``extract`` and ``detect`` seconds.
-    """
+    """Score ``model`` against ``baseline``. ``timings`` receives ``extract`` and ``detect``
+    seconds."""
     check_min_references(baseline, policy)
     m = baseline.manifest
     t0 = time.perf_counter()
@@ -76,9 +67,8 @@ def fingerprint_candidate(
             f"baseline's {m.blocks} (layer {layer!r}); wrong baseline for this model?"
         )
     t1 = time.perf_counter()
-    fitted = (ensemble or start_ensemble_fit(baseline, threaded=False)).result()
-    with thread_limit(1):  # scoring one row: starting OpenMP pools costs more than it saves
-        verdict = fitted.evaluate(fp.vector)
+    fitted = baseline_ensemble(baseline)
+    verdict = fitted.evaluate(fp.vector)
     nearest = m.references[verdict.nearest_reference]
     ref_top = _reference_top_classes(baseline, fp.blocks)
     order = np.argsort(-verdict.row_deviation, kind="stable")[:TOP_PROBES]
@@ -128,34 +118,21 @@ def check_min_references(baseline: Baseline, policy: Policy) -> None:
         )
 
 
-def start_ensemble_fit(baseline: Baseline, threaded: bool = True) -> Future[CalibratedEnsemble]:
-    """Fit the baseline's ensemble (deterministic: same result on any thread)."""
+def baseline_ensemble(baseline: Baseline) -> CalibratedEnsemble:
+    """The baseline's fitted ensemble: restored from its stored detector arrays, or refit
+    (deterministically) for a baseline stored without them."""
     m = baseline.manifest
     blocks = tuple((int(r), int(c)) for r, c in m.blocks)
-
-    def fit() -> CalibratedEnsemble:
-        ens = CalibratedEnsemble([d.name for d in m.detectors], blocks, seed=m.seed)
-        return ens.fit(baseline.fingerprints, calibration=baseline.calibration)
-
-    future: Future[CalibratedEnsemble] = Future()
-    if not threaded:
-        future.set_result(fit())
-        return future
-
-    def work() -> None:
-        try:
-            future.set_result(fit())
-        except BaseException as exc:  # handed to whoever waits on the result
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="gate-ensemble-fit", daemon=True).start()
-    return future
+    ens = CalibratedEnsemble([d.name for d in m.detectors], blocks, seed=m.seed)
+    if baseline.detector_state:
+        return ens.restore(baseline.fingerprints, baseline.calibration, baseline.detector_state)
+    return ens.fit(baseline.fingerprints, calibration=baseline.calibration)
 
 
 def scan(
     model_path: str,
     baseline: Baseline | None,
-    data: Dataset | None,
+    data: Dataset | TextData | None,
     policy: Policy,
     layer: str | None = None,
     seed: int = 0,
@@ -165,22 +142,21 @@ def scan(
 ) -> Report:
     """Scan one candidate. ``timings`` (if given) receives load/extract/detect/ac seconds
     (and ac_extract/ac_cluster, the two parts of ac)."""
-    ensemble = None
     if baseline is not None:
         check_min_references(baseline, policy)
-        ensemble = start_ensemble_fit(baseline)  # overlaps model load and forward passes
     t0 = time.perf_counter()
     model = load_model(model_path)
     if timings is not None:
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
     fp = (
-        fingerprint_candidate(model, baseline, policy, cache, timings, ensemble)
+        fingerprint_candidate(model, baseline, policy, cache, timings)
         if baseline is not None
         else None
     )
     t_ac = time.perf_counter()
     ac = None
     if data is not None:
+        data = model_input(model, data)  # texts: tokenised by the model's own tokenizer
         if baseline is not None and list(data.input_shape) != baseline.manifest.input_shape:
             raise MismatchError(
                 f"{data.path}: inputs have shape {list(data.input_shape)}, the baseline's family "

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import run_gate
+from tests.conftest import assert_one_line_error, run_gate
 from tests.test_ac import ENV, _poisoned_digits, _train_mlp
 
 
@@ -32,7 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         )  # fmt: skip
         assert proc.returncode == 1, proc.stderr
         out.append(work / name)
-    return {"r1": out[0], "r2": out[1], "mask": mask}
+    return {"r1": out[0], "r2": out[1], "mask": mask, "work": work}
 
 
 def _png(path: Path) -> tuple[int, int, int, bytes]:
@@ -109,3 +109,57 @@ def test_csv_and_clean_indices_agree_with_the_report(runs: dict[str, Any]) -> No
     everything = set(range(ac["n_samples"]))
     assert keep.tolist() == sorted(everything - suspicious)
     assert runs["mask"][sorted(suspicious)].mean() >= 0.9  # they really are the poison
+
+
+def _ac_part(runs: dict[str, Any], classes: str, name: str, *extra: str) -> Any:
+    work = runs["work"]
+    return run_gate(
+        "ac", str(work / "model.pt"), "--data", str(work / "train.npz"), "--classes", classes,
+        "--report-dir", str(work / name), "--cache-dir", str(work / "cache"), "--quiet", *extra,
+        env=ENV,
+    )  # fmt: skip
+
+
+def test_class_split_jobs_merge_into_the_single_run_report(runs: dict[str, Any]) -> None:
+    """Three `--classes I/3` jobs plus `gate ac-merge` give the single run's report, CSV,
+    clean indices and pictures, byte for byte."""
+    work = runs["work"]
+    parts = []
+    for i in (1, 2, 3):
+        proc = _ac_part(runs, f"{i}/3", f"part{i}")
+        assert proc.returncode in (0, 1), proc.stderr
+        part = json.loads((work / f"part{i}" / "report.json").read_text())["activation_clustering"]
+        assert part["class_subset"] == f"{i}/3"
+        assert [c["label"] for c in part["classes"]] == list(range(i - 1, 10, 3))
+        parts.append(str(work / f"part{i}"))
+    assert "Partial run" in (work / "part1" / "summary.md").read_text()
+    merged = work / "merged"
+    proc = run_gate("ac-merge", *reversed(parts), "--report-dir", str(merged), "--quiet")
+    assert proc.returncode == 1, proc.stderr  # the single run fails too
+    for name in ("report.json", "suspicious.csv", "clean_indices.npy", "summary.md"):
+        assert (merged / name).read_bytes() == (runs["r1"] / name).read_bytes(), name
+    pictures = sorted(p.name for p in runs["r1"].glob("ac-class-*.png"))
+    assert pictures and sorted(p.name for p in merged.glob("ac-class-*.png")) == pictures
+
+
+def test_class_split_refusals(runs: dict[str, Any]) -> None:
+    work = runs["work"]
+    assert_one_line_error(_ac_part(runs, "42", "bad"), "--classes 42", "labels present")
+    assert_one_line_error(_ac_part(runs, "0/3", "bad"), "--classes")
+    assert_one_line_error(_ac_part(runs, "1,x", "bad"), "--classes")
+    for i, classes in enumerate(("0,1,2,3,4", "5,6,7,8", "9")):
+        proc = _ac_part(runs, classes, f"list{i}")
+        assert proc.returncode in (0, 1), proc.stderr
+    lists = [str(work / f"list{i}") for i in range(3)]
+    out = str(work / "merge-bad")
+    missing = run_gate("ac-merge", *lists[:2], "--report-dir", out)
+    assert_one_line_error(missing, "no part clustered class(es) 9")
+    twice = run_gate("ac-merge", *lists, lists[2], "--report-dir", out)
+    assert_one_line_error(twice, "class 9 is in both")
+    policy = run_gate("ac-merge", *lists, "--policy", "strict", "--report-dir", out)
+    assert_one_line_error(policy, "policy 'default'")
+    onto_part = run_gate("ac-merge", *lists, "--report-dir", lists[0])
+    assert_one_line_error(onto_part, "is one of the parts")
+    not_a_report = run_gate("ac-merge", str(work), "--report-dir", out)
+    assert_one_line_error(not_a_report, "no report.json")
+    assert not Path(out).exists()

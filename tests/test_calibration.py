@@ -14,7 +14,7 @@ import pytest
 
 from gate.data import Dataset
 from gate.demo.zoo import ZooSpec, digits, materialise
-from gate.fingerprint.baseline import load_baseline, save_baseline
+from gate.fingerprint.baseline import load_baseline
 from gate.fingerprint.build import build_baseline
 from gate.policy import load_policy
 from gate.scan import scan
@@ -46,7 +46,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, li
     }
     x, y = digits("train")
     built = build_baseline([str(p) for p in paths["refs"]], data=Dataset(x, y, "digits"), seed=0)
-    save_baseline(models / "baseline", built.manifest, built.fingerprints, built.probes)
+    built.save(models / "baseline")
     return models / "baseline", paths
 
 

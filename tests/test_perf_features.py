@@ -296,6 +296,8 @@ def test_help_and_version_import_no_heavy_modules() -> None:
     [
         ("github-sharded-baseline.yml", "vendor.github-workflows"),
         ("gitlab-sharded-baseline.yml", "vendor.gitlab-ci"),
+        ("github-split-ac.yml", "vendor.github-workflows"),
+        ("gitlab-split-ac.yml", "vendor.gitlab-ci"),
     ],
 )
 def test_sharding_examples_are_valid_ci_files(example: str, schema: str) -> None:

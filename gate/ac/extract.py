@@ -95,7 +95,7 @@ def cached_activations(
     quiet: bool = True,
 ) -> Streamed:
     """:func:`stream_activations` through ``cache``: keyed by the model's sha256, the data's
-    hash, the layer and the pooling. A hit is read back into memory."""
+    hash, the layer and the pooling. A hit is memory-mapped, not read into memory."""
     if cache is None:
         return stream_activations(
             model, x, layer, directory, pool=pool, progress=progress, quiet=quiet

@@ -14,6 +14,47 @@ MAX_DEFAULT_THREADS = 4
 
 
 @dataclass(frozen=True)
+class ClassSelection:
+    """Which classes one `gate ac --classes` job clusters: listed labels, or shard I of N
+    (every N-th of the sorted labels present, so large and small classes spread evenly)."""
+
+    spec: str
+    labels: tuple[int, ...] = ()
+    shard: tuple[int, int] | None = None
+
+    def pick(self, present: list[int]) -> list[int]:
+        if self.shard is not None:
+            index, count = self.shard
+            return present[index - 1 :: count]
+        missing = [c for c in self.labels if c not in present]
+        if missing:
+            raise UsageError(
+                f"--classes {self.spec}: no samples labelled {', '.join(map(str, missing))} "
+                f"(labels present: {', '.join(map(str, present))})"
+            )
+        return sorted(self.labels)
+
+
+def parse_class_selection(spec: str) -> ClassSelection:
+    """``"0,3,7"`` (labels) or ``"2/4"`` (1-based shard of the labels present)."""
+    text = spec.strip()
+    try:
+        if "/" in text:
+            i, n = (int(part) for part in text.split("/"))
+            if n < 1 or not 1 <= i <= n:
+                raise ValueError
+            return ClassSelection(text, shard=(i, n))
+        labels = tuple(int(part) for part in text.split(","))
+        if len(set(labels)) != len(labels):
+            raise ValueError
+        return ClassSelection(text, labels=labels)
+    except ValueError:
+        raise UsageError(
+            f"--classes {spec!r}: expected labels like 0,3,7 or a shard I/N with 1 <= I <= N"
+        ) from None
+
+
+@dataclass(frozen=True)
 class ACOptions:
     reduction: Reduction = "pca"
     segment_by: SegmentBy = "label"
@@ -24,6 +65,7 @@ class ACOptions:
     exre_hook: ExreHook | None = None
     threads: int | None = None  # OpenMP/BLAS threads for clustering (None: DEFAULT_THREADS)
     quiet: bool = True  # no extraction progress on stderr
+    classes: ClassSelection | None = None  # None: every class
     # When given, receives a cluster picture (PNG bytes) per flagged class label.
     pictures: dict[int, bytes] | None = field(default=None, compare=False)
 

@@ -45,13 +45,14 @@ def activation_clustering(
     from gate.ac.extract import cached_activations, input_digest
     from gate.ac.options import clustering_threads
     from gate.ac.pictures import cluster_picture
+    from gate.progress import Progress
 
     opts = options or ACOptions()
     chosen = resolve_layer(model, layer)
     tmp = tempfile.mkdtemp(prefix="gate-ac-")
     t0 = time.perf_counter()
     try:
-        digest = input_digest(data.x) if cache is not None else None
+        digest = input_digest(data.x)
         try:
             streamed = cached_activations(
                 model, data.x, chosen, tmp, cache, digest, opts.pool, "activations", opts.quiet
@@ -85,10 +86,23 @@ def activation_clustering(
             exre_threshold=opts.exre_threshold,
             seed=seed,
         )
-        with thread_limit(clustering_threads(opts.threads)):
-            classes = cluster_classes(
-                streamed.activations, segments, config, exre_x=exre_x, exre_hook=opts.exre_hook
-            )
+        present = sorted(int(c) for c in np.unique(segments))
+        wanted = opts.classes.pick(present) if opts.classes is not None else present
+        classes = []
+        with (
+            thread_limit(clustering_threads(opts.threads)),
+            Progress(len(wanted), "clustering", unit="classes", quiet=opts.quiet) as bar,
+        ):
+            for label in wanted:  # one class at a time, for the progress bar
+                classes += cluster_classes(
+                    streamed.activations,
+                    segments,
+                    config,
+                    classes=[label],
+                    exre_x=exre_x,
+                    exre_hook=opts.exre_hook,
+                )
+                bar.update()
         del streamed, exre_x
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +123,9 @@ def activation_clustering(
         segment_by=opts.segment_by,
         detector=opts.detector,
         exre="hook" if opts.exre_hook is not None else "linear",
+        data_sha256=digest,
+        labels=present,
+        class_subset=opts.classes.spec if opts.classes is not None else None,
         classes=[
             ClassReport(
                 label=c.label,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,21 +85,20 @@ class ActivationCache:
         return ForwardResult(outputs=outputs, activations=acts)
 
     def put(self, key: str, result: ForwardResult, layers: Sequence[str]) -> None:
-        from gate._io import write_bytes_atomic
+        from gate._io import write_npy_atomic
 
         entry = self.root / key[:2] / key
         arrays = {"layer-" + str(i): result.activations[name] for i, name in enumerate(layers)}
         try:
             for stem, arr in {**arrays, "outputs": result.outputs}.items():
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-                write_bytes_atomic(entry / f"{stem}.npy", buf.getvalue())
+                write_npy_atomic(entry / f"{stem}.npy", arr)
         except OSError:  # a read-only or full disk only costs the cache
             pass
 
 
 def _load_npy(path: Path, n_rows: int) -> Array:
-    arr = np.load(path, allow_pickle=False)
+    # Memory-mapped: a hit on a large AC matrix costs page cache, not a second copy in RAM.
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 2:
         raise ValueError(f"{path}: not a float32 matrix")
     if arr.shape[0] != n_rows:

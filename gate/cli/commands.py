@@ -22,7 +22,7 @@ STEP_SUMMARY_LIMIT = 1024 * 1024
 
 
 def baseline_build(args: argparse.Namespace) -> int:
-    from gate.fingerprint.baseline import check_output_dir, save_baseline, save_shard
+    from gate.fingerprint.baseline import check_output_dir, save_shard
     from gate.fingerprint.build import (
         DEFAULT_REPRESENTATION,
         build_baseline,
@@ -52,19 +52,19 @@ def baseline_build(args: argparse.Namespace) -> int:
         )
         return 0
     built = build_baseline(args.models, **options)
-    save_baseline(out, built.manifest, built.fingerprints, built.probes)
+    built.save(out)
     _report_baseline(out, built.manifest)
     return 0
 
 
 def baseline_merge(args: argparse.Namespace) -> int:
-    from gate.fingerprint.baseline import check_output_dir, load_shard, save_baseline
+    from gate.fingerprint.baseline import check_output_dir, load_shard
     from gate.fingerprint.build import merge_baseline_shards
 
     check_output_dir(Path(args.out))
     built = merge_baseline_shards([load_shard(d) for d in args.shards])
     out = Path(args.out)
-    save_baseline(out, built.manifest, built.fingerprints, built.probes)
+    built.save(out)
     _report_baseline(out, built.manifest)
     return 0
 
@@ -159,7 +159,7 @@ def ac(args: argparse.Namespace) -> int:
     # `gate ac` is a scan with activation clustering only: fingerprinting is not asked for.
     policy = policy.model_copy(update={"required_checks": ("activation_clustering",)})
     data = _load_data(args.data)
-    from gate.ac.options import ACOptions, load_hook
+    from gate.ac.options import ACOptions, load_hook, parse_class_selection
 
     pictures: dict[int, bytes] = {}
     options = ACOptions(
@@ -173,6 +173,7 @@ def ac(args: argparse.Namespace) -> int:
         threads=_threads(args),
         quiet=args.quiet,
         pictures=pictures,
+        classes=parse_class_selection(args.classes) if args.classes else None,
     )
     report, timings, cache, report_dir = _run_and_report(
         args, None, data, policy, formats, options, pictures, started
@@ -180,6 +181,30 @@ def ac(args: argparse.Namespace) -> int:
     timings["extract"], timings["cluster"] = timings["ac_extract"], timings["ac_cluster"]
     order = ("setup", "load", "extract", "cluster", "report")
     _write_timing(report_dir, timings, started, cache, order)
+    return 1 if report.verdict == "fail" else 0
+
+
+def ac_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    from gate.ac.merge import merge_parts, read_part
+    from gate.errors import UsageError
+    from gate.policy import load_policy
+    from gate.report.formats import parse_formats
+
+    policy = load_policy(args.policy)
+    policy = policy.model_copy(update={"required_checks": ("activation_clustering",)})
+    formats = parse_formats(args.format)
+    report_dir = Path(args.report_dir)
+    if any(Path(p).resolve() == report_dir.resolve() for p in args.parts):
+        raise UsageError(f"--report-dir {report_dir} is one of the parts; pick a new directory")
+    report = merge_parts([(p, read_part(p)) for p in args.parts], policy)
+    _emit(report, formats, report_dir, quiet=args.quiet)
+    _write_ac_files(report, report_dir)
+    # Pictures were drawn by the job that clustered the class: carry them over.
+    for part in args.parts:
+        for png in sorted(Path(part).glob("ac-class-*.png")):
+            shutil.copyfile(png, report_dir / png.name)
     return 1 if report.verdict == "fail" else 0
 
 
@@ -212,18 +237,19 @@ def _run_and_report(
     t_report = time.perf_counter()
     report_dir = Path(args.report_dir)
     _emit(report, formats, report_dir, quiet=args.quiet)
-    _write_ac_files(report, report_dir, data.x if data is not None else None, pictures)
+    _write_ac_files(report, report_dir, data, pictures)
     timings["report"] = time.perf_counter() - t_report
     return report, timings, cache, report_dir
 
 
 def _write_ac_files(
-    report: Report, report_dir: Path, x: object = None, pictures: dict[int, bytes] | None = None
+    report: Report, report_dir: Path, data: object = None, pictures: dict[int, bytes] | None = None
 ) -> None:
     """suspicious.csv, clean_indices.npy and per flagged class a cluster picture and (image
-    inputs) a mosaic of its suspicious samples."""
+    inputs) a mosaic of its suspicious samples, or (text data) a list of its suspicious texts."""
     from gate._io import write_bytes_atomic, write_text_atomic
-    from gate.ac.outputs import clean_indices_npy, suspicious_csv
+    from gate.ac.outputs import clean_indices_npy, suspicious_csv, suspicious_texts
+    from gate.data import TextData
 
     if report.activation_clustering is None:
         return
@@ -234,7 +260,11 @@ def _write_ac_files(
 
     from gate.ac.pictures import suspicious_mosaic
 
+    x = getattr(data, "x", None)
     for c in report.activation_clustering.classes:
+        if c.flagged and isinstance(data, TextData):
+            text = suspicious_texts(data.texts, c.suspicious_indices, c.label)
+            write_text_atomic(report_dir / f"ac-class-{c.label}-suspicious.txt", text)
         if c.flagged and pictures and c.label in pictures:
             write_bytes_atomic(report_dir / f"ac-class-{c.label}-clusters.png", pictures[c.label])
         png = (
@@ -249,13 +279,25 @@ def _write_ac_files(
 def inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from gate.data import TextData, model_input
     from gate.errors import UsageError
     from gate.models import load_model
+    from gate.models.base import TextInput
 
     model = load_model(args.model)
     data = _load_data(args.data)
+    text = isinstance(model, TextInput)
+    if data is not None:
+        data = model_input(model, data)  # texts: tokenised by the model's tokenizer
     shape = data.input_shape if data is not None else args.input_shape
+    if text and data is None:  # a text model's tokenizer makes its inputs: no shape needed
+        if args.input_shape is not None:
+            raise UsageError("--input-shape does not apply to a text model; use --data TEXTS.jsonl")
+        data = model_input(model, TextData(("gate inspect",), np.zeros(1, np.int64), "(text)"))
+        shape = data.input_shape
     print(f"{model.path}  format={model.format}  sha256={model.sha256}")
+    if text:
+        print(f"  text model: inputs are token ids and attention mask, {shape[-1]} tokens at most")
     names = model.layer_names()
     default = model.default_layer() if _has_default(model) else None
     if shape is None:
@@ -269,17 +311,18 @@ def inspect(args: argparse.Namespace) -> int:
     try:
         res = model.forward(probe, names)
     except ModelLoadError as exc:
-        raise UsageError(f"{exc} (is --input-shape right?)") from None
+        hint = "" if text else " (is --input-shape right?)"
+        raise UsageError(f"{exc}{hint}") from None
     kinds: dict[str, str] = getattr(model, "layer_kinds", dict)()
     width = max((len(n) for n in names), default=10)
-    print(f"  {'layer'.ljust(width)}  {'kind':24}  output shape")
+    kw = max([24, *(len(kinds.get(n, "")) for n in names)])
+    print(f"  {'layer'.ljust(width)}  {'kind'.ljust(kw)}  output shape")
     for name in names:
         shp = "x".join(str(d) for d in res.activations[name].shape[1:])
         mark = "  <- default (last hidden layer)" if name == default else ""
-        print(f"  {name.ljust(width)}  {kinds.get(name, ''):24}  {shp}{mark}")
-    print(
-        f"  {'(output)'.ljust(width)}  {'':24}  {'x'.join(str(d) for d in res.outputs.shape[1:])}"
-    )
+        print(f"  {name.ljust(width)}  {kinds.get(name, '').ljust(kw)}  {shp}{mark}")
+    out_shape = "x".join(str(d) for d in res.outputs.shape[1:])
+    print(f"  {'(output)'.ljust(width)}  {''.ljust(kw)}  {out_shape}")
     return 0
 
 
@@ -346,9 +389,9 @@ def _has_default(model: object) -> bool:
 def _load_data(path: str | None):  # type: ignore[no-untyped-def]
     if not path:  # None, or an empty CI input
         return None
-    from gate.data import load_npz
+    from gate.data import load_data
 
-    return load_npz(path)
+    return load_data(path)
 
 
 def write_reports(report: Report, formats: list, report_dir: Path) -> list[Path]:  # type: ignore[type-arg]

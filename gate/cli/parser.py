@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("models", nargs="+", metavar="MODEL")
     build.add_argument("--out", required=True, metavar="DIR", help="baseline directory to write")
-    build.add_argument("--data", metavar="DATA.npz", help="take real probes from this data set")
+    build.add_argument(
+        "--data",
+        metavar="DATA",
+        help="take real probes from this data set (.npz; JSONL text/label lines for text models)",
+    )
     build.add_argument(
         "--input-shape",
         type=_shape,
@@ -169,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--data",
         type=_optional,
-        metavar="DATA.npz",
-        help="training data: also run activation clustering (an empty value means none)",
+        metavar="DATA",
+        help="training data (.npz, or JSONL for text models): also run activation clustering "
+        "(an empty value means none)",
     )
     scan.add_argument(
         "--policy",
@@ -204,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ac = sub.add_parser("ac", help="per-class activation clustering on a training set")
     ac.add_argument("model", metavar="MODEL")
-    ac.add_argument("--data", required=True, metavar="DATA.npz")
+    ac.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help=".npz with x and y, or JSONL lines with text and label (text models)",
+    )
     ac.add_argument("--policy", metavar="NAME_OR_FILE")
     ac.add_argument("--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR")
     ac.add_argument("--format", type=_optional, default=None, metavar="FMT[,FMT]")
@@ -233,14 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="full ExRe: f(x_train, y_train, x_cluster) -> labels (a trusted import path)",
     )
+    ac.add_argument(
+        "--classes",
+        metavar="LABELS|I/N",
+        help="cluster only these classes (0,3,7) or shard I of N of the labels present; "
+        "combine the parts with `gate ac-merge`",
+    )
     _add_perf_options(ac)
     _add_arch_options(ac)
     ac.set_defaults(handler=commands.ac)
 
+    ac_merge = sub.add_parser(
+        "ac-merge", help="combine the report dirs of `gate ac --classes` jobs into one report"
+    )
+    ac_merge.add_argument("parts", nargs="+", metavar="PART_DIR")
+    ac_merge.add_argument("--policy", metavar="NAME_OR_FILE", help="the parts' policy")
+    ac_merge.add_argument(
+        "--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR"
+    )
+    ac_merge.add_argument("--format", type=_optional, default=None, metavar="FMT[,FMT]")
+    ac_merge.add_argument("--quiet", action="store_true")
+    ac_merge.set_defaults(handler=commands.ac_merge)
+
     inspect = sub.add_parser("inspect", help="list a model's layers and their output shapes")
     inspect.add_argument("model", metavar="MODEL")
     inspect.add_argument("--input-shape", type=_shape, metavar="C,H,W")
-    inspect.add_argument("--data", metavar="DATA.npz", help="take the input shape from this data")
+    inspect.add_argument(
+        "--data", metavar="DATA", help="take the input shape (text models: a text) from this data"
+    )
     _add_arch_options(inspect)
     inspect.set_defaults(handler=commands.inspect)
 

@@ -18,7 +18,6 @@ def run_demo(workdir: Path) -> int:
     import torch
 
     from gate._io import write_text_atomic
-    from gate.fingerprint.baseline import save_baseline
     from gate.fingerprint.build import build_baseline
     from gate.policy import load_policy
     from gate.report.formats import FORMATS
@@ -43,7 +42,7 @@ def run_demo(workdir: Path) -> int:
     print(f"[2/4] building a baseline from {len(refs)} clean references", file=sys.stderr)
     baseline_dir = workdir / "baseline"
     built = build_baseline(refs, data=data, seed=0)
-    save_baseline(baseline_dir, built.manifest, built.fingerprints, built.probes)
+    built.save(baseline_dir)
 
     from gate.fingerprint.baseline import load_baseline
 

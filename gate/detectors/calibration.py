@@ -26,8 +26,6 @@ def _as_list(cal: np.ndarray) -> list[float]:
 
 def p_value(score: float, calibration: Sequence[float]) -> float:
     """Conformal rank p-value inside the calibration range, t-tail extrapolation beyond it."""
-    from scipy import stats
-
     cal = np.asarray(calibration, dtype=np.float64)
     n = len(cal)
     top = float(cal.max())
@@ -37,10 +35,57 @@ def p_value(score: float, calibration: Sequence[float]) -> float:
     scale = max(sd * math.sqrt(1 + 1 / n), 1e-12, abs(top) * 1e-9)
     mean = float(cal.mean())
     df = max(n - 1, 1)
-    ratio = stats.t.sf((score - mean) / scale, df) / max(
-        stats.t.sf((top - mean) / scale, df), 1e-300
+    ratio = student_t_sf((score - mean) / scale, df) / max(
+        student_t_sf((top - mean) / scale, df), 1e-300
     )
     return float(min(1.0, max(ratio / (n + 1), 1e-300)))
+
+
+def student_t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom.
+
+    Written out (regularised incomplete beta by continued fraction) so that scoring a
+    candidate needs no scipy import, which costs more than the rest of a small scan; a
+    test checks it against ``scipy.stats.t.sf``.
+    """
+    x = df / (df + t * t)
+    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, x)
+    return tail if t > 0 else 1.0 - tail
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (Numerical Recipes' betai)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction for the incomplete beta, by the modified Lentz method."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return h
 
 
 def cauchy_combine(p_values: Sequence[float]) -> float:

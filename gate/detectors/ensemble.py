@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gate.detectors import make_detector
-from gate.detectors.base import Detector, Matrix
+from gate.detectors.base import Detector, Matrix, State
 from gate.detectors.calibration import cauchy_combine, conformal_p_value, p_value
 
 
@@ -49,17 +49,48 @@ class CalibratedEnsemble:
     def fit(
         self, X: npt.NDArray[Any], calibration: Mapping[str, Sequence[float]] | None = None
     ) -> Self:
-        X = np.asarray(X, dtype=np.float64)
-        self.mean_, self.scale_ = self._standardiser(X)
-        Z = (X - self.mean_) / self.scale_
-        self.reference_z_ = Z
+        Z = self._set_references(X)
         self.models_: dict[str, Detector] = {
             name: make_detector(name, self.seed).fit(Z) for name in self.detectors
         }
         if calibration is None:
-            calibration = self.leave_one_out(X)
-        self.calibration_ = {name: [float(s) for s in calibration[name]] for name in self.detectors}
+            calibration = self.leave_one_out(np.asarray(X, dtype=np.float64))
+        self._set_calibration(calibration)
         return self
+
+    def state(self) -> State:
+        """Every detector's learned arrays, keyed ``<detector>.<array>`` (see :meth:`restore`)."""
+        return {
+            f"{name}.{key}": arr
+            for name, model in self.models_.items()
+            for key, arr in model.state().items()
+        }
+
+    def restore(
+        self,
+        X: npt.NDArray[Any],
+        calibration: Mapping[str, Sequence[float]],
+        state: Mapping[str, npt.NDArray[Any]],
+    ) -> Self:
+        """The ensemble :meth:`fit` gave on ``X``, from its :meth:`state`: no refitting, and
+        no scikit-learn import, which is most of a small scan's cost."""
+        Z = self._set_references(X)
+        self.models_ = {}
+        for name in self.detectors:
+            prefix = f"{name}."
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            self.models_[name] = make_detector(name, self.seed).restore(Z, own)
+        self._set_calibration(calibration)
+        return self
+
+    def _set_references(self, X: npt.NDArray[Any]) -> Matrix:
+        X = np.asarray(X, dtype=np.float64)
+        self.mean_, self.scale_ = self._standardiser(X)
+        self.reference_z_ = (X - self.mean_) / self.scale_
+        return self.reference_z_
+
+    def _set_calibration(self, calibration: Mapping[str, Sequence[float]]) -> None:
+        self.calibration_ = {name: [float(s) for s in calibration[name]] for name in self.detectors}
 
     def leave_one_out(self, X: Matrix) -> dict[str, list[float]]:
         """Score each reference with detectors fit on the others (cross-fitted scores)."""

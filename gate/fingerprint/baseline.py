@@ -1,8 +1,10 @@
 """Baselines: reference fingerprints of known-clean models, plus a validated manifest.
 
 A baseline directory holds ``baseline.json`` (pydantic-validated) and ``fingerprints.npz``
-(read with ``allow_pickle=False``). Nothing in it is pickled: detectors are refit from the
-stored fingerprints at scan time, deterministically, and calibration scores are stored.
+(read with ``allow_pickle=False``). Nothing in it is pickled: the fitted detectors are
+stored as plain arrays (``detector.<name>.<array>``; trees as node tables, support vector
+indices, neighbour densities) that a scan checks and scores with in numpy, and calibration
+scores live in the manifest. A baseline without detector arrays is refit at scan time.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -27,6 +29,8 @@ from gate.models.base import Array
 MANIFEST = "baseline.json"
 SHARD_MANIFEST = "shard.json"
 ARRAYS = "fingerprints.npz"
+DETECTOR_PREFIX = "detector."
+PROBE_TEXTS = "probe_texts"  # text models' probe texts (UTF-8 JSON list as uint8)
 SCHEMA_VERSION = 1
 MIN_REFERENCES = 3
 
@@ -107,6 +111,8 @@ class Baseline:
     fingerprints: Array
     probes: ProbeSet
     path: str
+    # Fitted detectors' arrays, keyed "<detector>.<array>"; empty for a baseline to refit.
+    detector_state: dict[str, Array] = field(default_factory=dict)
 
     @property
     def representation(self) -> tuple[str, ...]:
@@ -122,10 +128,15 @@ def data_digest(x: Array) -> str:
 
 
 def save_baseline(
-    out: Path, manifest: BaselineManifest, fingerprints: Array, probes: ProbeSet
+    out: Path,
+    manifest: BaselineManifest,
+    fingerprints: Array,
+    probes: ProbeSet,
+    detector_state: Mapping[str, Array] | None = None,
 ) -> None:
     check_output_dir(out)
-    _write_dir(out, MANIFEST, manifest, fingerprints, probes)
+    state = {f"{DETECTOR_PREFIX}{k}": v for k, v in (detector_state or {}).items()}
+    _write_dir(out, MANIFEST, manifest, fingerprints, probes, state)
 
 
 def check_output_dir(out: Path, shard: bool = False) -> None:
@@ -140,7 +151,12 @@ def check_output_dir(out: Path, shard: bool = False) -> None:
 
 
 def _write_dir(
-    out: Path, manifest_name: str, manifest: BaseModel, fingerprints: Array, probes: ProbeSet
+    out: Path,
+    manifest_name: str,
+    manifest: BaseModel,
+    fingerprints: Array,
+    probes: ProbeSet,
+    extra: Mapping[str, Array] | None = None,
 ) -> None:
     kind_codes = np.array([PROBE_KINDS.index(k) for k in probes.kinds], dtype=np.uint8)
     write_npz(
@@ -149,6 +165,8 @@ def _write_dir(
             "fingerprints": np.asarray(fingerprints, dtype=np.float32),
             "probes": probes.x,
             "probe_kinds": kind_codes,
+            **_texts_array(probes),
+            **(extra or {}),
         },
     )
     text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
@@ -171,7 +189,7 @@ def load_shard(path: str | Path) -> BaselineShard:
             "`gate baseline build --shard I/N`"
         )
     manifest = _read_manifest(mfile, ShardManifest, "shard")
-    fps, probes = _read_arrays(d, manifest.probes.sha256)
+    fps, probes, _ = _read_arrays(d, manifest.probes.sha256)
     expected = sum(r * c for r, c in manifest.blocks)
     n = len(manifest.references)
     if fps.shape != (n, expected) or len(manifest.indices) != n:
@@ -193,12 +211,18 @@ def _read_manifest(mfile: Path, cls: type[_M], what: str) -> _M:
         raise BaselineError(f"{mfile}: invalid {what} manifest at {where}: {err['msg']}") from None
 
 
-def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet]:
+def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet, dict[str, Array]]:
     try:
         with np.load(d / ARRAYS, allow_pickle=False) as npz:
             fps = np.asarray(npz["fingerprints"], dtype=np.float32)
             x = np.asarray(npz["probes"], dtype=np.float32)
             codes = np.asarray(npz["probe_kinds"])
+            texts_raw = np.asarray(npz[PROBE_TEXTS]) if PROBE_TEXTS in npz.files else None
+            state = {
+                k[len(DETECTOR_PREFIX) :]: np.asarray(npz[k])
+                for k in npz.files
+                if k.startswith(DETECTOR_PREFIX)
+            }
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BaselineError(f"{d / ARRAYS}: unreadable baseline arrays ({exc})") from None
     if probe_hash(x) != probes_sha256:
@@ -208,7 +232,31 @@ def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet]:
     if len(codes) != len(x) or (len(codes) and int(codes.max()) >= len(PROBE_KINDS)):
         raise BaselineError(f"{d}: probe kinds do not match the probes")
     kinds = tuple(PROBE_KINDS[int(c)] for c in codes)
-    return fps, ProbeSet(x=x, kinds=kinds, sha256=probes_sha256)
+    odd = [k for k, v in state.items() if v.dtype.kind not in "fiu"]
+    if odd:
+        raise BaselineError(f"{d / ARRAYS}: detector array {odd[0]!r} is not numeric")
+    texts = _read_texts(d, texts_raw, len(x))
+    return fps, ProbeSet(x=x, kinds=kinds, sha256=probes_sha256, texts=texts), state
+
+
+def _texts_array(probes: ProbeSet) -> dict[str, Array]:
+    """Text probes' texts, as the UTF-8 bytes of a JSON list (no pickles, no object arrays)."""
+    if probes.texts is None:
+        return {}
+    raw = json.dumps(list(probes.texts), ensure_ascii=False).encode("utf-8")
+    return {PROBE_TEXTS: np.frombuffer(raw, dtype=np.uint8)}
+
+
+def _read_texts(d: Path, raw: np.ndarray | None, n: int) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    try:
+        texts = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        texts = None
+    if not isinstance(texts, list) or len(texts) != n or not all(isinstance(t, str) for t in texts):
+        raise BaselineError(f"{d / ARRAYS}: probe texts do not match the probes")
+    return tuple(texts)
 
 
 def load_baseline(path: str | Path) -> Baseline:
@@ -221,7 +269,7 @@ def load_baseline(path: str | Path) -> Baseline:
             f"{d}: not a gate baseline (no {MANIFEST}); build one with `gate baseline build`"
         )
     manifest = _read_manifest(mfile, BaselineManifest, "baseline")
-    fps, probes = _read_arrays(d, manifest.probes.sha256)
+    fps, probes, state = _read_arrays(d, manifest.probes.sha256)
     n_refs = len(manifest.references)
     expected = sum(r * c for r, c in manifest.blocks)
     if fps.shape != (n_refs, expected):
@@ -232,7 +280,7 @@ def load_baseline(path: str | Path) -> Baseline:
         raise BaselineError(
             f"{d}: baseline has {n_refs} references; at least {MIN_REFERENCES} are needed"
         )
-    return Baseline(manifest, fps, probes, str(d))
+    return Baseline(manifest, fps, probes, str(d), state)
 
 
 def reference_names(paths: Sequence[str]) -> list[str]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from gate._version import __version__
 from gate.activations import ActivationCache
-from gate.data import Dataset
+from gate.data import Dataset, TextData
 from gate.detectors import DEFAULT_DETECTORS, make_detector
 from gate.detectors.ensemble import CalibratedEnsemble
 from gate.errors import BaselineError, MismatchError, UsageError
@@ -23,11 +24,13 @@ from gate.fingerprint.baseline import (
     ShardManifest,
     data_digest,
     reference_names,
+    save_baseline,
 )
 from gate.fingerprint.compute import Fingerprint, fingerprint_checked, resolve_layer
 from gate.fingerprint.probes import ProbeSet, make_probes
 from gate.fingerprint.representations import parse_representation
-from gate.models import load_model
+from gate.fingerprint.text_probes import make_text_probes
+from gate.models import LoadedModel, hf, load_model
 
 DEFAULT_REPRESENTATION = "logits"
 
@@ -37,11 +40,15 @@ class BaselineBuild:
     manifest: BaselineManifest
     fingerprints: np.ndarray
     probes: ProbeSet
+    detector_state: dict[str, np.ndarray]
+
+    def save(self, out: Path) -> None:
+        save_baseline(out, self.manifest, self.fingerprints, self.probes, self.detector_state)
 
 
 def build_baseline(
     model_paths: Sequence[str],
-    data: Dataset | None = None,
+    data: Dataset | TextData | None = None,
     input_shape: Sequence[int] | None = None,
     layer: str | None = None,
     seed: int = 0,
@@ -78,7 +85,7 @@ def shard_slice(n_models: int, index: int, count: int) -> range:
 def build_baseline_shard(
     model_paths: Sequence[str],
     shard: tuple[int, int],
-    data: Dataset | None = None,
+    data: Dataset | TextData | None = None,
     input_shape: Sequence[int] | None = None,
     layer: str | None = None,
     seed: int = 0,
@@ -99,8 +106,8 @@ def build_baseline_shard(
         )
     positions = shard_slice(len(model_paths), *shard)
     rep = parse_representation(representation)
-    shape = _input_shape(data, input_shape)
-    probes = make_probes(shape, data, seed=seed)
+    probes, source, first = _probe_set(model_paths, data, input_shape, seed)
+    shape = tuple(int(d) for d in probes.x.shape[1:])
     names = reference_names(list(model_paths))
     prints: list[Fingerprint] = []
     shas: list[str] = []
@@ -108,7 +115,7 @@ def build_baseline_shard(
     with Progress(len(positions), "fingerprinting references", unit="models", quiet=quiet) as bar:
         for pos in positions:
             path = model_paths[pos]
-            model = load_model(path)
+            model = first if pos == 0 and first is not None else load_model(path)
             chosen = resolve_layer(model, layer)
             fp = fingerprint_checked(
                 model, probes, chosen, rep, what="reference model", cache=cache
@@ -142,7 +149,7 @@ def build_baseline_shard(
             count=len(probes.x),
             kinds=probes.counts,
             seed=seed,
-            source="synthetic" if data is None else f"data:{data_digest(data.x)}",
+            source=source,
         ),
         references=[
             ReferenceInfo(name=names[pos], sha256=sha)
@@ -232,7 +239,36 @@ def merge_baseline_shards(shards: Sequence[BaselineShard]) -> BaselineBuild:
         ],
         seed=first.seed,
     )
-    return BaselineBuild(manifest, matrix, ordered[0].probes)
+    return BaselineBuild(manifest, matrix, ordered[0].probes, ensemble.state())
+
+
+def _probe_set(
+    model_paths: Sequence[str],
+    data: Dataset | TextData | None,
+    input_shape: Sequence[int] | None,
+    seed: int,
+) -> tuple[ProbeSet, str, LoadedModel | None]:
+    """The probes, their source for the manifest, and the first model if loading it was needed.
+
+    Text models (Hugging Face checkpoints) get text probes made with the first model's
+    tokenizer (every reference must tokenise them alike); others get tensor probes from
+    ``--data`` or ``--input-shape``.
+    """
+    if isinstance(data, TextData) or (
+        data is None and input_shape is None and hf.sniff(Path(model_paths[0]), b"")
+    ):
+        text_data = data if isinstance(data, TextData) else None
+        if input_shape is not None:
+            raise UsageError(
+                "--input-shape does not apply to text models: their tokenizer makes the inputs"
+            )
+        first = load_model(model_paths[0])
+        probes = make_text_probes(first, text_data, seed=seed)
+        source = "synthetic-text" if text_data is None else f"text-data:{text_data.digest}"
+        return probes, source, first
+    shape = _input_shape(data, input_shape)
+    source = "synthetic" if data is None else f"data:{data_digest(data.x)}"
+    return make_probes(shape, data, seed=seed), source, None
 
 
 def _input_shape(data: Dataset | None, input_shape: Sequence[int] | None) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from gate.activations import ActivationCache, extract_cached
 from gate.errors import LayerError, MismatchError, ModelLoadError
 from gate.fingerprint.probes import ProbeSet
 from gate.fingerprint.representations import fingerprint_blocks
+from gate.fingerprint.text_probes import check_text_probes
 from gate.models.base import Array, LoadedModel
 
 
@@ -38,6 +39,7 @@ def fingerprint(
     cache: ActivationCache | None = None,
 ) -> Fingerprint:
     """The fingerprint of ``model`` on ``probes``; activations go through ``cache`` if given."""
+    check_text_probes(model, probes)  # text probes: the model's tokenizer must give the ids
     res = extract_cached(model, probes.x, [layer], probes.sha256, cache)
     acts = res.activations[layer]
     if not np.all(np.isfinite(acts)) or not np.all(np.isfinite(res.outputs)):

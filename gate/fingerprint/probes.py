@@ -27,6 +27,8 @@ class ProbeSet:
     x: Array
     kinds: tuple[str, ...]
     sha256: str
+    # Text models: the probe texts that ``x`` tokenises (gate/fingerprint/text_probes.py).
+    texts: tuple[str, ...] | None = None
 
     @property
     def counts(self) -> dict[str, int]:

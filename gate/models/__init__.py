@@ -1,7 +1,9 @@
 """Model loaders, chosen by file content rather than extension.
 
 To add a format: write a module with ``sniff(path, head) -> bool`` and
-``load(path) -> LoadedModel``, then add one line to :data:`LOADERS`.
+``load(path) -> LoadedModel``, then add one line to :data:`LOADERS`. A loader for
+directories (a Hugging Face checkpoint) is marked ``directory=True`` and sniffed with an
+empty ``head``: it recognises the directory by the files in it.
 
 Whatever the file is called, it is recognised by its bytes: a TorchScript archive named
 ``.onnx`` loads, and a pickle or ``.npz`` named ``.pt`` is refused with what it really is.
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from gate.errors import ModelLoadError, UnsafeModelError
-from gate.models import onnx_model, safety, statedict, torchscript
+from gate.models import hf, onnx_model, safety, statedict, torchscript
 from gate.models.base import ForwardResult, LayerInfo, LoadedModel
 
 __all__ = ["LOADERS", "ForwardResult", "LayerInfo", "LoadedModel", "load_model"]
@@ -27,6 +29,7 @@ class Loader:
     name: str
     sniff: Callable[[Path, bytes], bool]
     load: Callable[[Path], LoadedModel]
+    directory: bool = False
 
 
 LOADERS: tuple[Loader, ...] = (
@@ -34,6 +37,7 @@ LOADERS: tuple[Loader, ...] = (
     Loader(statedict.FORMAT, statedict.sniff, statedict.load),
     Loader(statedict.SAFETENSORS_FORMAT, statedict.sniff_safetensors, statedict.load_safetensors),
     Loader(onnx_model.FORMAT, onnx_model.sniff, onnx_model.load),
+    Loader(hf.FORMAT, hf.sniff, hf.load, directory=True),
 )
 
 _HEAD_BYTES = 64
@@ -52,6 +56,14 @@ def load_model(path: str | Path) -> LoadedModel:
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"model file not found: {p}")
+    if p.is_dir():
+        for loader in LOADERS:
+            if loader.directory and loader.sniff(p, b""):
+                return loader.load(p)
+        raise ModelLoadError(
+            f"{p}: a directory, but not a Hugging Face checkpoint (no config.json); "
+            "give a model file or a save_pretrained() directory"
+        )
     if not p.is_file():
         raise ModelLoadError(f"{p}: not a file")
     if p.stat().st_size == 0:
@@ -62,7 +74,7 @@ def load_model(path: str | Path) -> LoadedModel:
     except OSError as exc:
         raise ModelLoadError(f"{p}: cannot read model file ({exc.strerror or exc})") from None
     for loader in LOADERS:
-        if loader.sniff(p, head):
+        if not loader.directory and loader.sniff(p, head):
             return loader.load(p)
     raise _explain_unsupported(p, head)
 

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,21 @@ class LoadedModel(Protocol):
 
     def forward(self, x: Array, layers: Sequence[str] = ()) -> ForwardResult:
         """Run one batch; ``outputs`` are the model's first output (logits), as float32."""
+        ...
+
+
+@runtime_checkable
+class TextInput(Protocol):
+    """A model that takes text (a Hugging Face checkpoint): its tokenizer makes its inputs."""
+
+    seq_len: int
+
+    def tokenize(self, texts: Sequence[str]) -> Array:
+        """The model's input array for ``texts`` (same texts, same bytes)."""
+        ...
+
+    def vocabulary(self) -> list[str]:
+        """The tokenizer's tokens in id order, without special tokens (for text probes)."""
         ...
 
 

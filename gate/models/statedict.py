@@ -123,6 +123,11 @@ def _check_safetensors_header(path: Path) -> None:
 def _require_arch(path: Path, what: str) -> ArchSpec:
     spec = current_arch()
     if spec is None:
+        if (path.parent / "config.json").is_file():  # a file of a save_pretrained() directory
+            raise ModelLoadError(
+                f"{path}: {what} of a Hugging Face checkpoint; give the directory "
+                f"{path.parent} instead of the file"
+            )
         raise ModelLoadError(
             f"{path}: {what} is not a full model: it has no architecture; {_ARCH_HINT}"
         )
@@ -245,7 +250,9 @@ class EagerModel:
                         handles.append(m.register_forward_pre_hook(keep_input))
             try:
                 with torch.inference_mode():
-                    out = self._module(torch.from_numpy(np.ascontiguousarray(x)))
+                    out = self._run(x)
+            except GateError:
+                raise
             except Exception as exc:  # the user's forward may raise anything
                 raise ModelLoadError(
                     f"{self.path}: forward pass failed on inputs of shape {tuple(x.shape)}: "
@@ -266,5 +273,15 @@ class EagerModel:
                 raise LayerError(
                     f"{self.path}: layer {name!r} did not produce a tensor in the forward pass"
                 )
-            acts[name] = tensor_to_numpy(value)
+            acts[name] = self._activation(name, value)
         return ForwardResult(outputs=tensor_to_numpy(logits).reshape(len(x), -1), activations=acts)
+
+    def _run(self, x: Array) -> Any:
+        """Call the module on one batch (inside ``torch.inference_mode``)."""
+        import torch
+
+        return self._module(torch.from_numpy(np.ascontiguousarray(x)))
+
+    def _activation(self, name: str, value: Any) -> Array:
+        """A captured layer output as the activations recorded for it."""
+        return tensor_to_numpy(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Verdict = Literal["pass", "warn", "fail"]
 CheckStatus = Literal["pass", "warn", "fail", "skipped"]
@@ -87,6 +87,13 @@ class ActivationClusteringReport(_Model):
     segment_by: str = "label"
     detector: str = "ac"
     exre: str = "linear"
+    data_sha256: str | None = None
+    labels: list[int] = Field(default=[], description="every class label present in the data")
+    class_subset: str | None = Field(
+        default=None,
+        description="`--classes` of a partial run (combine parts with `gate ac-merge`); "
+        "null when every class was clustered",
+    )
 
 
 class CheckResult(_Model):

@@ -1,0 +1,187 @@
+"""Detectors score in numpy from stored arrays: same numbers as scikit-learn, safe restores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gate.detectors import DETECTORS, make_detector
+from gate.detectors.calibration import student_t_sf
+from gate.errors import BaselineError
+
+from .conftest import REPO
+
+
+def _data(seed: int = 0, n: int = 30, d: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    queries = np.vstack([rng.normal(size=(5, d)), rng.normal(3.0, 1.0, size=(3, d)), X[:2]])
+    return X, queries
+
+
+def _sklearn_scores(name: str, X: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    from sklearn.ensemble import IsolationForest
+    from sklearn.neighbors import LocalOutlierFactor
+    from sklearn.svm import OneClassSVM
+
+    if name == "lof":
+        model = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(X)
+    elif name == "iforest":
+        model = IsolationForest(n_estimators=100, random_state=0).fit(X)
+    else:
+        model = OneClassSVM(kernel="rbf", gamma="scale", nu=0.1).fit(X)
+    return np.asarray(-model.score_samples(Q))
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_numpy_scores_match_scikit_learn(name: str, seed: int) -> None:
+    X, Q = _data(seed)
+    ours = make_detector(name).fit(X).score(Q)
+    np.testing.assert_allclose(ours, _sklearn_scores(name, X, Q), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_restore_gives_the_fitted_detector(name: str) -> None:
+    X, Q = _data()
+    fitted = make_detector(name).fit(X)
+    state = {k: v.copy() for k, v in fitted.state().items()}
+    restored = make_detector(name).restore(X, state)
+    np.testing.assert_array_equal(restored.score(Q), fitted.score(Q))
+    assert all(k.endswith("_") is False for k in restored.get_params())
+
+
+def _tampered(name: str, change: str) -> dict[str, np.ndarray]:
+    X, _ = _data()
+    state = {k: np.array(v, copy=True) for k, v in make_detector(name).fit(X).state().items()}
+    if change == "missing":
+        state.pop(sorted(state)[0])
+    elif change == "nan":
+        key = next(k for k, v in state.items() if v.dtype.kind == "f" and v.ndim)
+        state[key][0] = np.nan
+    elif change == "cycle":  # a child pointing back at the root would loop forever
+        inner = np.flatnonzero(state["left"] != -1)
+        state["left"][inner[-1]] = 0
+    elif change == "feature":
+        inner = np.flatnonzero(state["left"] != -1)
+        state["feature"][inner[0]] = 10_000
+    elif change == "support":
+        state["support"][0] = 10_000
+    elif change == "shape":
+        key = sorted(state)[0]
+        state[key] = state[key][:-1]
+    return state
+
+
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("lof", "missing"),
+        ("lof", "shape"),
+        ("lof", "nan"),
+        ("iforest", "cycle"),
+        ("iforest", "feature"),
+        ("iforest", "shape"),
+        ("iforest", "missing"),
+        ("ocsvm", "support"),
+        ("ocsvm", "nan"),
+        ("ocsvm", "shape"),
+    ],
+)
+def test_tampered_state_is_refused(name: str, change: str) -> None:
+    X, _ = _data()
+    with pytest.raises(BaselineError):
+        make_detector(name).restore(X, _tampered(name, change))
+
+
+def test_student_t_tail_matches_scipy() -> None:
+    from scipy import stats
+
+    for df in (1, 2, 3, 7, 23, 200):
+        for t in (-30.0, -2.0, -0.3, 0.0, 0.4, 1.0, 2.5, 6.0, 20.0, 150.0):
+            expected = float(stats.t.sf(t, df))
+            assert student_t_sf(t, df) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_baseline_stores_detectors_and_scan_imports_no_sklearn(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A scan restores the stored detectors: no scikit-learn or scipy import, no refit,
+    and the same report as a baseline that must be refit."""
+    baseline = demo_dir / "baseline"
+    with np.load(baseline / "fingerprints.npz") as npz:
+        stored = sorted(k for k in npz.files if k.startswith("detector."))
+    assert {k.split(".")[1] for k in stored} == set(DETECTORS)
+
+    code = (
+        "import sys\n"
+        "from gate.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print('HEAVY=' + ','.join(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
+        "raise SystemExit(rc)\n"
+    )
+    out = tmp_path / "restored"
+    args = ["scan", str(demo_models["clean"]), "--baseline", str(baseline), "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args, "--report-dir", str(out), "--no-cache"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stdout, proc.stdout
+
+    # The same baseline without its detector arrays is refit at scan time: same verdict.
+    refit = tmp_path / "refit-baseline"
+    refit.mkdir()
+    (refit / "baseline.json").write_bytes((baseline / "baseline.json").read_bytes())
+    with np.load(baseline / "fingerprints.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files if not k.startswith("detector.")}
+    np.savez(refit / "fingerprints.npz", **arrays)  # type: ignore[arg-type]
+    out2 = tmp_path / "refit"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gate",
+            *args[:3],
+            str(refit),
+            "--quiet",
+            "--report-dir",
+            str(out2),
+            "--no-cache",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((out / "report.json").read_text())["fingerprint"]
+    b = json.loads((out2 / "report.json").read_text())["fingerprint"]
+    assert a["p_value"] == pytest.approx(b["p_value"], rel=1e-6)
+    assert [d["score"] for d in a["detectors"]] == pytest.approx(
+        [d["score"] for d in b["detectors"]], rel=1e-6
+    )
+
+
+def test_tampered_baseline_detector_arrays_exit_2(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from .conftest import assert_one_line_error, run_gate
+
+    baseline = demo_dir / "baseline"
+    bad = tmp_path / "bad-baseline"
+    bad.mkdir()
+    (bad / "baseline.json").write_bytes((baseline / "baseline.json").read_bytes())
+    with np.load(baseline / "fingerprints.npz") as npz:
+        arrays = {k: np.array(npz[k]) for k in npz.files}
+    left = arrays["detector.iforest.left"]
+    left[np.flatnonzero(left != -1)[-1]] = 0
+    np.savez(bad / "fingerprints.npz", **arrays)  # type: ignore[arg-type]
+    proc = run_gate("scan", str(demo_models["clean"]), "--baseline", str(bad), "--no-cache")
+    assert_one_line_error(proc, "iforest", "inconsistent")
