@@ -1,3 +1,4 @@
+# ruff: noqa: E402
 """Fingerprint benchmark (issue 3): AUROC / TPR / FPR of gate's fingerprint check on a digits zoo.
 
 Run with ``make bench-fingerprint``. The first run trains the zoo (cached under
@@ -8,6 +9,10 @@ Run with ``make bench-fingerprint``. The first run trains the zoo (cached under
 from __future__ import annotations
 
 import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")  # shared 2-core machines: BLAS oversubscription is slow
+
 import statistics
 import sys
 import time
@@ -20,24 +25,27 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo import ZOO_DIR, Member, build_scenario, training_seconds
+from zoo import ZOO_DIR, Member, build_scenario, distance_from_base, training_seconds
 
 from gate.data import Dataset, load_npz
 from gate.demo.zoo import save_digits_npz
 from gate.detectors import DEFAULT_DETECTORS
 from gate.detectors.calibration import cauchy_combine, p_value
 from gate.detectors.ensemble import CalibratedEnsemble
+from gate.fingerprint.build import DEFAULT_REPRESENTATION
 from gate.fingerprint.compute import fingerprint, resolve_layer
 from gate.fingerprint.probes import PROBE_KINDS, ProbeSet, make_probes, probe_hash
 from gate.fingerprint.representations import parse_representation
 from gate.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fingerprint.md"
-DEFAULT_REP = "gram+logits"
+DEFAULT_REP = DEFAULT_REPRESENTATION  # what `gate baseline build` uses
 ALL_REPS = ("raw", "logits", "gram", "gram+logits", "raw+logits")
 WIDTH_INVARIANT_REPS = ("logits", "gram", "gram+logits")
 SEED = 0
 HIGH_ASR = 0.8
+# The issue's targets, checked in the summary.
+TARGET_AUROC, TARGET_FPR, TARGET_TPR = 0.97, 0.05, 0.90
 
 Vec = npt.NDArray[np.float64]
 
@@ -51,6 +59,8 @@ class RepResult:
     tpr_high: float
     fpr_loo: float  # references scored leave-one-out against the other references' scores
     p_values: list[float]  # per test model, clean then backdoored
+    median_p_clean: float
+    median_p_backdoor: float
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -117,6 +127,8 @@ def evaluate_rep(
         tpr_high=float(np.mean(high)) if high else float("nan"),
         fpr_loo=loo_fpr(ens.calibration_, alpha),
         p_values=p,
+        median_p_clean=statistics.median(x for x, lab in zip(p, labels, strict=True) if not lab),
+        median_p_backdoor=statistics.median(x for x, lab in zip(p, labels, strict=True) if lab),
     )
 
 
@@ -169,7 +181,7 @@ def scan_times(
     members: Sequence[Member], data: Dataset, workdir: Path
 ) -> tuple[float, float, list[float], dict[str, list[float]]]:
     """Median wall time of ``gate scan`` (load + fingerprint + evaluate) on the test models."""
-    from gate.fingerprint.baseline import load_baseline, save_baseline
+    from gate.fingerprint.baseline import load_baseline
     from gate.fingerprint.build import build_baseline
     from gate.policy import load_policy
     from gate.scan import scan
@@ -177,7 +189,7 @@ def scan_times(
     refs = [str(m.path) for m in members if m.role == "reference"]
     t0 = time.perf_counter()
     built = build_baseline(refs, data=data, seed=SEED)
-    save_baseline(workdir, built.manifest, built.fingerprints, built.probes)
+    built.save(workdir)
     build_s = time.perf_counter() - t0
     baseline = load_baseline(workdir)
     policy = load_policy("default")
@@ -201,9 +213,24 @@ def pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.0f}%"
 
 
+def pval(x: float) -> str:
+    return "n/a" if x != x else f"{x:.2g}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One scenario's headline numbers at the default representation and policy."""
+
+    title: str
+    result: RepResult
+    peer: float  # the tutorial recipe's AUROC (nan where raw is not comparable)
+    scan_ms: float
+    n_high: int
+
+
 def scenario_report(
     name: str, title: str, data: Dataset, probes: ProbeSet, reps: Sequence[str], alpha: float
-) -> tuple[list[str], dict[str, RepResult]]:
+) -> tuple[list[str], Summary]:
     t0 = time.perf_counter()
     members = build_scenario(name)
     train_s = time.perf_counter() - t0
@@ -217,25 +244,45 @@ def scenario_report(
     fp_s = time.perf_counter() - t0
     # The `gate scan` path first: its baseline's calibration is reused for the default rep.
     med, build_s, scan_p, calibration = scan_times(members, data, ZOO_DIR / f"baseline-{name}")
+    t0 = time.perf_counter()
     results = {
         r: evaluate_rep(
             r, mats[r], blocks[r], members, alpha, calibration if r == DEFAULT_REP else None
         )
         for r in reps
     }
+    eval_s = time.perf_counter() - t0
+    peer = peer_auroc(mats["raw"], members) if "raw" in reps else float("nan")
     out = [f"## {title}", ""]
     accs = [m.accuracy for m in members]
     out.append(
         f"{n_ref} clean references, {n_clean} held-out clean, {len(bad)} backdoored "
         f"({n_high} with ASR >= {HIGH_ASR:.0%}); clean test accuracy "
         f"{min(accs):.1%}..{max(accs):.1%}; {len(probes.x)} probes. "
-        f"Zoo ready in {train_s:.0f} s, fingerprints in {fp_s:.0f} s."
+        f"Zoo ready in {train_s:.0f} s, fingerprints in {fp_s:.0f} s, "
+        f"detector fits (leave-one-out calibration, all representations) in {eval_s:.0f} s."
     )
+    if name == "transfer":
+        dist = {m.name: distance_from_base(m.path) for m in members}
+        by_role = {
+            role: statistics.median(dist[m.name] for m in members if m.role == role)
+            for role in ("reference", "clean", "backdoor")
+        }
+        d_auroc = auroc([int(m.role == "backdoor") for m in tests], [dist[m.name] for m in tests])
+        out += [
+            "",
+            "Fairness check: median L2 distance of the weights (output layer excluded) from "
+            f"the base: references {by_role['reference']:.2f}, held-out clean "
+            f"{by_role['clean']:.2f}, backdoored {by_role['backdoor']:.2f}; that distance "
+            f"alone, as a score, has AUROC {d_auroc:.3f} (what a check that only notices "
+            "'moved further from the base' would get).",
+        ]
     out += [
         "",
         "| representation | AUROC lof | AUROC iforest | AUROC ocsvm | AUROC ensemble | "
-        f"TPR (p<{alpha:g}) | TPR ASR>=80% | FPR held-out | FPR LOO refs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"TPR (p<{alpha:g}) | TPR ASR>=80% | FPR held-out | FPR LOO refs | "
+        "median p backdoored | median p held-out clean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, res in results.items():
         a = res.auroc
@@ -243,12 +290,13 @@ def scenario_report(
         out.append(
             f"| {r}{mark} | {fmt(a['lof'])} | {fmt(a['iforest'])} | {fmt(a['ocsvm'])} | "
             f"**{fmt(a['ensemble'])}** | {pct(res.tpr)} | {pct(res.tpr_high)} | "
-            f"{pct(res.fpr)} | {pct(res.fpr_loo)} |"
+            f"{pct(res.fpr)} | {pct(res.fpr_loo)} | {pval(res.median_p_backdoor)} | "
+            f"{pval(res.median_p_clean)} |"
         )
     if "raw" in reps:
         out.append(
             "| peer: tutorial recipe (raw, min-max over test, mean) | | | | "
-            f"**{fmt(peer_auroc(mats['raw'], members))}** | n/a | n/a | n/a | n/a |"
+            f"**{fmt(peer)}** | n/a | n/a | n/a | n/a | n/a | n/a |"
         )
     out.append("")
     ours = results[DEFAULT_REP].p_values
@@ -263,20 +311,24 @@ def scenario_report(
         f"FPR LOO refs: each reference's leave-one-out score against the other "
         f"references' (approximate; {n_ref} extra clean draws)."
     )
-    # Per attack, default representation.
-    out += ["", f"Per attack ({DEFAULT_REP}, default policy):", ""]
-    out += ["| attack | n | mean ASR | detected (p<alpha) | median p |", "|---|---|---|---|---|"]
+    # Per attack and poison rate, default representation.
     res = results[DEFAULT_REP]
     by_member = dict(zip([m.name for m in tests], res.p_values, strict=True))
+    out += ["", f"Per attack and poison rate ({DEFAULT_REP}, default policy):", ""]
+    out += [
+        "| attack | poison | n | ASR (each model) | detected (p<alpha) | median p |",
+        "|---|---|---|---|---|---|",
+    ]
     for attack in sorted({m.attack for m in bad}):
-        group = [m for m in bad if m.attack == attack]
-        ps = [by_member[m.name] for m in group]
-        asr = float(np.mean([m.asr or 0.0 for m in group]))
-        det = sum(p < alpha for p in ps)
-        out.append(
-            f"| {attack} | {len(group)} | {asr:.0%} | {det}/{len(group)} | "
-            f"{statistics.median(ps):.2g} |"
-        )
+        for rate in sorted({m.poison_rate for m in bad if m.attack == attack}):
+            group = [m for m in bad if m.attack == attack and m.poison_rate == rate]
+            ps = [by_member[m.name] for m in group]
+            asrs = ", ".join(f"{m.asr or 0.0:.0%}" for m in group)
+            det = sum(p < alpha for p in ps)
+            out.append(
+                f"| {attack} | {rate:.0%} | {len(group)} | {asrs} | {det}/{len(group)} | "
+                f"{statistics.median(ps):.2g} |"
+            )
     missed = [m for m in bad if by_member[m.name] >= alpha]
     if missed:
         out += ["", "Missed backdoors (default representation):", ""]
@@ -291,20 +343,64 @@ def scenario_report(
     # Probe kinds driving detection.
     kinds = np.array(probes.kinds)
     out += [
-        f"Probe kinds ({DEFAULT_REP}): ensemble AUROC / TPR / FPR using only that kind of probe:",
+        f"Probe kinds ({DEFAULT_REP}): ensemble AUROC / TPR / FPR with only that kind of probe, "
+        "and with that kind left out:",
         "",
-        "| probe kind | n | AUROC | TPR | TPR ASR>=80% | FPR held-out |",
-        "|---|---|---|---|---|---|",
+        "| probe kind | n | only: AUROC | only: TPR | only: TPR ASR>=80% | only: FPR | "
+        "without: AUROC | without: TPR ASR>=80% | without: FPR |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in PROBE_KINDS:
+        only, without = (
+            evaluate_rep(DEFAULT_REP, m2[DEFAULT_REP], b2[DEFAULT_REP], members, alpha)
+            for m2, b2 in (
+                fingerprints(members, probe_subset(probes, keep), [DEFAULT_REP])
+                for keep in (kinds == kind, kinds != kind)
+            )
+        )
         cells = [kind, str(int((kinds == kind).sum()))]
-        sub = probe_subset(probes, kinds == kind)
-        m2, b2 = fingerprints(members, sub, [DEFAULT_REP])
-        r2 = evaluate_rep(DEFAULT_REP, m2[DEFAULT_REP], b2[DEFAULT_REP], members, alpha)
-        cells += [fmt(r2.auroc["ensemble"]), pct(r2.tpr), pct(r2.tpr_high), pct(r2.fpr)]
+        cells += [fmt(only.auroc["ensemble"]), pct(only.tpr), pct(only.tpr_high), pct(only.fpr)]
+        cells += [fmt(without.auroc["ensemble"]), pct(without.tpr_high), pct(without.fpr)]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    return out, results
+    return out, Summary(title, res, peer, med * 1000, n_high)
+
+
+def summary_table(summaries: Sequence[Summary], alpha: float) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "" if ok else " (miss)"
+
+    out = [
+        f"## Summary: default representation ({DEFAULT_REP}), default policy (p < {alpha:g})",
+        "",
+        f"Targets: ensemble AUROC >= {TARGET_AUROC}, FPR <= {TARGET_FPR:.0%} on held-out clean, "
+        f"TPR >= {TARGET_TPR:.0%} on backdoors with ASR >= {HIGH_ASR:.0%}.",
+        "",
+        "| scenario | AUROC ensemble | TPR all backdoors | TPR ASR>=80% (n) | FPR held-out | "
+        "FPR LOO refs | median p backdoored | median p held-out clean | median scan | "
+        "peer AUROC (tutorial) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        r = s.result
+        a = r.auroc["ensemble"]
+        out.append(
+            f"| {s.title} | {fmt(a)}{mark(a >= TARGET_AUROC)} | {pct(r.tpr)} | "
+            f"{pct(r.tpr_high)} ({s.n_high}){mark(not r.tpr_high < TARGET_TPR)} | "
+            f"{pct(r.fpr)}{mark(r.fpr <= TARGET_FPR)} | {pct(r.fpr_loo)} | "
+            f"{pval(r.median_p_backdoor)} | {pval(r.median_p_clean)} | {s.scan_ms:.0f} ms | "
+            f"{fmt(s.peer)} |"
+        )
+    out.append("")
+    return out
+
+
+SCENARIOS = (
+    ("fixed", "Independently trained CNNs, fixed width (hidden 64)", ALL_REPS),
+    ("mixed", "Independently trained CNNs, mixed widths (32..128)", WIDTH_INVARIANT_REPS),
+    ("transfer", "Transfer: CNNs fine-tuned from one shared base model", ALL_REPS),
+    ("mlp", "Second architecture: independently trained MLPs (hidden 64)", ALL_REPS),
+)
 
 
 def main() -> int:
@@ -320,38 +416,39 @@ def main() -> int:
         save_digits_npz(data_path, "train")
     data = load_npz(data_path)
     probes = make_probes(data.input_shape, data, seed=SEED)
-    lines = [
+    header = [
         "# Fingerprint benchmark (digits zoo)",
         "",
-        f"Default policy: fail when the combined p-value < {alpha:g}. Detectors: "
-        f"{', '.join(DEFAULT_DETECTORS)}; ensemble = Cauchy-combined conformal p-values "
-        "(gate.detectors.ensemble.CalibratedEnsemble). AUROC: positives are backdoored "
-        "models, negatives held-out clean models. Probes from the digits train split, seed 0.",
+        f"Default representation: {DEFAULT_REP}. Default policy: fail when the combined "
+        f"p-value < {alpha:g}. Detectors: {', '.join(DEFAULT_DETECTORS)}; ensemble = "
+        "Cauchy-combined conformal p-values (gate.detectors.ensemble.CalibratedEnsemble). "
+        "AUROC: positives are backdoored models, negatives held-out clean models. Probes "
+        "from the digits train split, seed 0. One run, all scenarios.",
         "",
     ]
-    scenarios = [
-        ("fixed", "Independently trained, fixed width (hidden 64)", ALL_REPS),
-        ("mixed", "Independently trained, mixed widths (32..128)", WIDTH_INVARIANT_REPS),
-        ("transfer", "Transfer: fine-tuned from one shared base model", ALL_REPS),
-    ]
+    lines: list[str] = []
     only = [s for s in os.environ.get("BENCH_SCENARIOS", "").split(",") if s]
-    for name, title, reps in scenarios:
+    summaries: list[Summary] = []
+    for name, title, reps in SCENARIOS:
         if only and name not in only:
             continue
-        part, _ = scenario_report(name, title, data, probes, reps, alpha)
+        part, summary = scenario_report(name, title, data, probes, reps, alpha)
+        summaries.append(summary)
         lines += part
         print("\n".join(part), flush=True)
     total = time.perf_counter() - started
-    footer = [
+    summary = summary_table(summaries, alpha)
+    timing = [
         f"Total bench wall time this run: {total:.0f} s (zoo training recorded in the cache: "
-        f"{training_seconds():.0f} s; torch threads: 1).",
+        f"{training_seconds():.0f} s; torch threads: 1; BLAS threads: "
+        f"{os.environ['OMP_NUM_THREADS']}).",
         "",
     ]
-    lines += footer
-    print("\n".join(footer))
+    print("\n".join(summary + timing))
     out = RESULTS if not only else RESULTS.with_name(f"fingerprint-{'-'.join(only)}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    # In the file the summary comes first, after the header.
+    out.write_text("\n".join(header + summary + lines + timing))
     print(f"written {out}", file=sys.stderr)
     return 0
 

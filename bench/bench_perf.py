@@ -127,9 +127,9 @@ def _resnet(seed: int) -> Any:
             self.layer1 = nn.Sequential(Block(64, 64, 1), Block(64, 64, 1))
             self.layer2 = nn.Sequential(Block(64, 128, 2), Block(128, 128, 1))
             self.layer3 = nn.Sequential(Block(128, 256, 2), Block(256, 256, 1))
-            self.layer4 = nn.Sequential(Block(256, 384, 2), Block(384, 384, 1))
+            self.layer4 = nn.Sequential(Block(256, 448, 2), Block(448, 448, 1))
             self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(384, 10)
+            self.fc = nn.Linear(448, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.relu(self.stem(x))
@@ -169,7 +169,7 @@ def _bare_forward(model_path: str, probes: Any) -> None:
 
 def scan_cost(name: str, family: tuple[list[str], str, dict[str, Any]], repeats: int) -> dict:
     from gate.data import load_npz
-    from gate.fingerprint.baseline import load_baseline, save_baseline
+    from gate.fingerprint.baseline import load_baseline
     from gate.fingerprint.build import build_baseline
     from gate.policy import load_policy
     from gate.scan import scan
@@ -179,7 +179,7 @@ def scan_cost(name: str, family: tuple[list[str], str, dict[str, Any]], repeats:
     data = load_npz(info["data"]) if "data" in info else None
     if not (base_dir / "baseline.json").is_file():
         built = build_baseline(refs, data=data, input_shape=info.get("input_shape"), seed=0)
-        save_baseline(base_dir, built.manifest, built.fingerprints, built.probes)
+        built.save(base_dir)
     baseline = load_baseline(base_dir)
     policy = load_policy("default")
     probes = baseline.probes.x
