@@ -7,6 +7,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
+# Optional extras, e.g. `docker build --build-arg GATE_EXTRAS=hf` for Hugging Face
+# checkpoint directories (adds transformers and tokenizers, ~100 MB).
+ARG GATE_EXTRAS=""
+
 WORKDIR /opt/gate
 COPY pyproject.toml constraints.txt README.md ./
 COPY policies/ ./policies/
@@ -21,7 +25,7 @@ COPY gate/ ./gate/
 # GITHUB_STEP_SUMMARY files mounted by the runner are writable without running as root.
 RUN pip install --no-cache-dir --no-compile \
         --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install --no-cache-dir --no-compile -c constraints.txt . \
+    && pip install --no-cache-dir --no-compile -c constraints.txt ".${GATE_EXTRAS:+[$GATE_EXTRAS]}" \
     && SITE="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && rm -rf "$SITE/torch/include" "$SITE/torch/test" /opt/gate/gate /opt/gate/policies /opt/gate/build \
     && python -m compileall -q "$SITE/gate" \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from gate.detectors import DETECTORS, make_detector
-from gate.detectors.calibration import student_t_sf
+from gate.detectors.calibration import conformal_p_value, p_value
 from gate.errors import BaselineError
 
 from .conftest import REPO
@@ -99,13 +100,19 @@ def test_tampered_state_is_refused(name: str, change: str) -> None:
         make_detector(name).restore(X, _tampered(name, change))
 
 
-def test_student_t_tail_matches_scipy() -> None:
-    from scipy import stats
-
-    for df in (1, 2, 3, 7, 23, 200):
-        for t in (-30.0, -2.0, -0.3, 0.0, 0.4, 1.0, 2.5, 6.0, 20.0, 150.0):
-            expected = float(stats.t.sf(t, df))
-            assert student_t_sf(t, df) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+def test_p_value_tail_meets_the_rank_p_value_and_decreases() -> None:
+    rng = np.random.default_rng(0)
+    cal = list(rng.gamma(2.0, 1.0, size=24))
+    top = max(cal)
+    assert p_value(float(np.median(cal)), cal) == conformal_p_value(float(np.median(cal)), cal)
+    assert p_value(top, cal) == pytest.approx(2 / 25)  # the top score itself counts
+    beyond = [p_value(top + d, cal) for d in (1e-9, 0.5, 1.0, 2.0, 5.0, 50.0, 1e6)]
+    assert beyond[0] == pytest.approx(1 / 25, rel=1e-6)
+    assert all(a > b for a, b in itertools.pairwise(beyond))
+    assert beyond[-1] == 1e-300  # floored, never 0
+    # The tail follows the spread of the top scores: a heavier top gives larger p-values.
+    heavier = [*cal[:-3], top + 3.0, top + 6.0, top + 9.0]
+    assert p_value(top + 12.0, heavier) > p_value(top + 12.0, cal)
 
 
 def test_baseline_stores_detectors_and_scan_imports_no_sklearn(

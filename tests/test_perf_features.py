@@ -312,3 +312,44 @@ def test_sharding_examples_are_valid_ci_files(example: str, schema: str) -> None
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_batches_are_bounded_by_memory_and_give_the_same_activations(
+    family: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small GATE_BATCH_MEMORY_MB shrinks the batches (measured on the first rows) without
+    changing what is extracted; AC streaming goes through the same batching."""
+    import numpy as np
+
+    from gate.ac.extract import stream_activations
+    from gate.activations import extract
+    from gate.models import load_model
+
+    model = load_model(family[0])
+    layer = model.default_layer()
+    x = np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
+    sizes: list[int] = []
+    forward = model.forward
+
+    def counting(batch: np.ndarray, layers: list[str]) -> object:
+        sizes.append(len(batch))
+        return forward(batch, layers)
+
+    monkeypatch.setattr(model, "forward", counting)
+    big = extract(model, x, [layer])
+    assert sizes == [4, 256, 40]  # measured on 4 rows, then the default batch size
+    sizes.clear()
+    # One row holds 16 activations + 5 outputs as float32 = 84 bytes: 0.01 MiB is 124 rows.
+    monkeypatch.setenv("GATE_BATCH_MEMORY_MB", "0.01")
+    small = extract(model, x, [layer])
+    assert sizes[0] == 4 and max(sizes) == 124 and sum(sizes) == 300
+    np.testing.assert_allclose(small.activations[layer], big.activations[layer], rtol=1e-5)
+    np.testing.assert_allclose(small.outputs, big.outputs, rtol=1e-5, atol=1e-6)
+    sizes.clear()
+    streamed = stream_activations(model, x, layer)
+    assert max(sizes) == 124
+    np.testing.assert_allclose(streamed.activations, big.activations[layer], rtol=1e-5)
+    assert streamed.path is not None
+    tmp = Path(streamed.path).parent
+    del streamed
+    shutil.rmtree(tmp, ignore_errors=True)

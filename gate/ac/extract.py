@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gate.activations import PROGRESS_MIN_BATCHES, ActivationCache
+from gate.activations import ActivationCache, forward_batches
 from gate.models.base import Array, ForwardResult, LoadedModel
 
 BATCH = 256
@@ -35,14 +35,13 @@ def stream_activations(
     progress: str | None = None,
     quiet: bool = True,
 ) -> Streamed:
-    """Forward ``x`` in batches; each batch's activations go straight to an on-disk memmap.
+    """Forward ``x`` in bounded batches (:func:`gate.activations.forward_batches`); each
+    batch's activations go straight to an on-disk memmap.
 
     With ``pool``, 4-D conv maps (N, C, H, W) are global-average-pooled to (N, C). The
     caller owns ``path`` (put it in a temporary directory that it removes). With
     ``progress`` (a label) and enough batches, progress goes to stderr unless ``quiet``.
     """
-    from gate.progress import Progress
-
     directory = (
         Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="gate-ac-"))
     )
@@ -50,11 +49,7 @@ def stream_activations(
     n = len(x)
     preds = np.empty(n, dtype=np.int64)
     out: np.memmap | None = None
-    n_batches = -(-n // batch_size)
-    show = progress is not None and not quiet and n_batches >= PROGRESS_MIN_BATCHES
-    bar = Progress(n_batches, progress or "extract", unit="batches", quiet=not show)
-    for start in range(0, n, batch_size):
-        res = model.forward(x[start : start + batch_size], [layer])
+    for start, res in forward_batches(model, x, [layer], batch_size, None, progress, quiet):
         a = np.asarray(res.activations[layer])
         if pool and a.ndim == 4:
             a = a.mean(axis=(2, 3))
@@ -64,8 +59,6 @@ def stream_activations(
         out[start : start + len(a)] = a
         logits = np.asarray(res.outputs).reshape(len(a), -1)
         preds[start : start + len(a)] = logits.argmax(axis=1)
-        bar.update()
-    bar.close()
     assert out is not None  # x is never empty (validated on load)
     out.flush()
     shape = out.shape

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,53 @@ from gate.models.base import Array, ForwardResult, LoadedModel
 
 DEFAULT_BATCH = 256
 PROGRESS_MIN_BATCHES = 8
+# Bytes of outputs plus captured activations per batch; GATE_BATCH_MEMORY_MB overrides.
+DEFAULT_BATCH_MEMORY = 256 * 2**20
+_MEASURE_ROWS = 4
+
+
+def batch_memory() -> int:
+    try:
+        return max(1, int(float(os.environ.get("GATE_BATCH_MEMORY_MB", "")) * 2**20))
+    except ValueError:
+        return DEFAULT_BATCH_MEMORY
+
+
+def forward_batches(
+    model: LoadedModel,
+    x: Array,
+    layers: Sequence[str],
+    batch_size: int = DEFAULT_BATCH,
+    memory: int | None = None,
+    progress: str | None = None,
+    quiet: bool = True,
+) -> Iterator[tuple[int, ForwardResult]]:
+    """Forward ``x`` in batches, yielding ``(first row, result)``.
+
+    The first few rows run alone to measure what one row's outputs and activations take;
+    later batches hold at most ``memory`` bytes of them (and at most ``batch_size`` rows),
+    so a wide layer or a long sequence cannot exhaust memory. The schedule depends only on
+    shapes, so results are deterministic. With ``progress`` (a label) and more than
+    :data:`PROGRESS_MIN_BATCHES` batches, progress goes to stderr unless ``quiet``.
+    """
+    from gate.progress import Progress
+
+    n = len(x)
+    first = min(_MEASURE_ROWS, batch_size, n)
+    res = model.forward(x[:first], layers)
+    row_bytes = (
+        np.asarray(res.outputs).nbytes + sum(np.asarray(a).nbytes for a in res.activations.values())
+    ) / max(first, 1)
+    budget = batch_memory() if memory is None else memory
+    size = max(1, min(batch_size, int(budget // max(row_bytes, 1.0))))
+    n_batches = 1 + -(-(n - first) // size)
+    show = progress is not None and not quiet and n_batches >= PROGRESS_MIN_BATCHES
+    with Progress(n_batches, progress or "extract", unit="batches", quiet=not show) as bar:
+        yield 0, res
+        bar.update()
+        for start in range(first, n, size):
+            yield start, model.forward(x[start : start + size], layers)
+            bar.update()
 
 
 def extract(
@@ -22,25 +70,14 @@ def extract(
     progress: str | None = None,
     quiet: bool = True,
 ) -> ForwardResult:
-    """Forward ``x`` in batches; returns outputs and each layer flattened per sample.
-
-    With ``progress`` (a label) and more than :data:`PROGRESS_MIN_BATCHES` batches, a
-    progress bar or periodic log lines go to stderr unless ``quiet``.
-    """
-    from gate.progress import Progress
-
+    """Forward ``x`` in bounded batches (:func:`forward_batches`); returns the outputs and
+    each layer flattened per sample."""
     outputs: list[Array] = []
     acts: dict[str, list[Array]] = {name: [] for name in layers}
-    n_batches = -(-len(x) // batch_size)
-    show = progress is not None and not quiet and n_batches >= PROGRESS_MIN_BATCHES
-    bar = Progress(n_batches, progress or "extract", unit="batches", quiet=not show)
-    for start in range(0, len(x), batch_size):
-        res = model.forward(x[start : start + batch_size], layers)
+    for _, res in forward_batches(model, x, layers, batch_size, progress=progress, quiet=quiet):
         outputs.append(res.outputs)
         for name in layers:
             acts[name].append(res.activations[name].reshape(len(res.outputs), -1))
-        bar.update()
-    bar.close()
     return ForwardResult(
         outputs=np.concatenate(outputs),
         activations={name: np.concatenate(parts) for name, parts in acts.items()},
@@ -48,7 +85,7 @@ def extract(
 
 
 DEFAULT_CACHE_DIR = ".gate-cache/activations"
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: bounded batches (first rows run alone)
 
 
 class ActivationCache:

@@ -3,8 +3,8 @@
 Each reference is scored by detectors fit on the *other* references (leave-one-out), so
 the calibration scores are what a clean, unseen model of the family looks like. A
 candidate's p-value is its conformal rank among them. Rank p-values cannot go below
-1/(n+1), so beyond the largest calibration score we extrapolate with a Student-t tail
-fitted to the calibration scores, scaled to meet the rank p-value at that point.
+1/(n+1), so beyond the largest calibration score we extrapolate with an exponential tail
+fitted to the top calibration scores, scaled to meet the rank p-value at that point.
 """
 
 from __future__ import annotations
@@ -24,68 +24,35 @@ def _as_list(cal: np.ndarray) -> list[float]:
     return [float(v) for v in cal]
 
 
+# Beyond the calibration range the tail is fitted on the top quarter of the scores (at
+# least 3): enough to estimate a scale, few enough to describe the tail, not the bulk.
+TAIL_FRACTION = 0.25
+TAIL_MIN = 3
+
+
 def p_value(score: float, calibration: Sequence[float]) -> float:
-    """Conformal rank p-value inside the calibration range, t-tail extrapolation beyond it."""
-    cal = np.asarray(calibration, dtype=np.float64)
+    """Conformal rank p-value inside the calibration range, exponential-tail extrapolation
+    beyond it.
+
+    Peaks over threshold: the excesses of the top calibration scores over the next one are
+    modelled as exponential (the generalised Pareto tail of Gaussian-, gamma- or
+    exponential-like scores), with the mean excess as its scale, and the tail is scaled to
+    meet the rank p-value 1/(n+1) at the largest score. Detector scores are skewed (LOF is
+    a density ratio), so a tail fitted to the whole distribution (a Student-t was used
+    before) is too light: on the benchmark it blocked 3 of 88 held-out clean models at
+    alpha 0.01, this tail none (bench/README.md).
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
     n = len(cal)
-    top = float(cal.max())
+    top = float(cal[-1])
     if score <= top:
         return conformal_p_value(score, _as_list(cal))
-    sd = float(cal.std(ddof=1)) if n > 1 else 0.0
-    scale = max(sd * math.sqrt(1 + 1 / n), 1e-12, abs(top) * 1e-9)
-    mean = float(cal.mean())
-    df = max(n - 1, 1)
-    ratio = student_t_sf((score - mean) / scale, df) / max(
-        student_t_sf((top - mean) / scale, df), 1e-300
-    )
-    return float(min(1.0, max(ratio / (n + 1), 1e-300)))
-
-
-def student_t_sf(t: float, df: int) -> float:
-    """P(T > t) for Student's t with ``df`` degrees of freedom.
-
-    Written out (regularised incomplete beta by continued fraction) so that scoring a
-    candidate needs no scipy import, which costs more than the rest of a small scan; a
-    test checks it against ``scipy.stats.t.sf``.
-    """
-    x = df / (df + t * t)
-    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, x)
-    return tail if t > 0 else 1.0 - tail
-
-
-def _incomplete_beta(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) (Numerical Recipes' betai)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction for the incomplete beta, by the modified Lentz method."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-16:
-            break
-    return h
+    if n < 2:
+        return 1.0 / (n + 1)
+    k = min(max(TAIL_MIN, round(TAIL_FRACTION * n)), n - 1)
+    excess = float(np.mean(cal[-k:] - cal[-k - 1]))
+    scale = max(excess, 1e-12, abs(top) * 1e-9)
+    return float(min(1.0, max(math.exp(-(score - top) / scale) / (n + 1), 1e-300)))
 
 
 def cauchy_combine(p_values: Sequence[float]) -> float:
