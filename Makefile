@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint bench bench-fingerprint bench-perf bench-ac clean
+.PHONY: venv demo test lint bench bench-fingerprint bench-perf bench-ac bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: bench-fingerprint bench-ac
+bench: bench-fingerprint bench-ac bench-scale
 
 bench-fingerprint: $(STAMP)
 	$(BIN)/python bench/bench_fingerprint.py
@@ -34,6 +34,9 @@ bench-ac: $(STAMP)
 
 bench-perf: $(STAMP)
 	$(BIN)/python bench/bench_perf.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .gate-cache gate-report .pytest_cache .mypy_cache .ruff_cache

@@ -6,23 +6,125 @@ import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from gate.activations import ActivationCache, forward_batches
+from gate.errors import ModelLoadError
 from gate.models.base import Array, ForwardResult, LoadedModel
 
 BATCH = 256
 HASH_CHUNK = 1 << 24  # bytes of input hashed at a time
+WINDOW = 16 << 20  # bytes of the file mapped at a time by a RowFile row gather
 
 
 @dataclass
 class Streamed:
-    activations: npt.NDArray[np.float32]  # a read-only np.memmap (N x D), or a cached array
+    activations: npt.NDArray[np.float32]  # a read-only RowFile (N x D)
     predictions: npt.NDArray[np.int64]
     path: Path | None
     cached: bool = False
+
+
+class RowFile(np.memmap):
+    """A read-only memmap of a row-major matrix file whose row gathers stay small in RAM.
+
+    Mapped file pages count in the process's resident memory, and the kernel maps the
+    neighbours of every page touched (fault-around), so gathering one class's rows
+    (``a[rows]``) from a plain memmap makes the whole matrix resident. Here a gather with a
+    1-D integer or boolean array maps the file :data:`WINDOW` bytes at a time and unmaps
+    each window before the next, so only the gathered copy stays. The values are the
+    same. Anything else (slices, reductions, ``np.asarray``) uses the full mapping as any
+    memmap does. ``tofile`` (how the activation cache writes an entry) copies the file.
+    """
+
+    _rows_at: tuple[str, int] | None = None  # (path, byte offset); None on views
+
+    def __getitem__(self, key: Any) -> Any:
+        at = self._rows_at
+        rows = isinstance(key, np.ndarray) and key.ndim == 1
+        if at is not None and rows and key.dtype.kind in "iu":
+            return self._gather(key, at)
+        if at is not None and rows and key.dtype.kind == "b" and key.shape == self.shape[:1]:
+            return self._gather(np.flatnonzero(key), at)
+        res = super().__getitem__(key)
+        copied = isinstance(res, RowFile) and getattr(res, "_mmap", None) is None
+        return res.view(np.ndarray) if copied else res
+
+    def __array_wrap__(self, arr: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        arr = super().__array_wrap__(arr, context, return_scalar)
+        return arr if arr is self or not isinstance(arr, RowFile) else arr.view(np.ndarray)
+
+    def _gather(self, key: npt.NDArray[Any], at: tuple[str, int]) -> npt.NDArray[Any]:
+        n = self.shape[0]
+        rows = key.astype(np.int64, copy=False)
+        if len(rows) and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of bounds for {n} rows")
+        rows = np.where(rows < 0, rows + n, rows)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(rows), int(np.prod(self.shape[1:], dtype=np.int64)))
+        row_bytes = flat.shape[1] * self.itemsize
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        per = max(1, WINDOW // max(row_bytes, 1))
+        win = srt // per
+        cuts = (np.flatnonzero(np.diff(win)) + 1).tolist()
+        path, offset = at
+        for s, e in zip([0, *cuts], [*cuts, len(srt)], strict=True):
+            if s == e:
+                continue
+            first = int(win[s]) * per
+            part = np.memmap(
+                path,
+                dtype=self.dtype,
+                mode="r",
+                offset=offset + first * row_bytes,
+                shape=(min(per, n - first), flat.shape[1]),
+            )
+            flat[order[s:e]] = part[srt[s:e] - first]
+            del part  # unmapped before the next window
+        return out
+
+    def tofile(self, fid: Any, sep: str = "", format: str = "%s") -> None:
+        at = self._rows_at
+        if at is None or sep or not hasattr(fid, "write"):
+            super().tofile(fid, sep, format)
+            return
+        path, offset = at
+        left = self.nbytes
+        with open(path, "rb") as src:
+            src.seek(offset)
+            while left > 0:
+                chunk = src.read(min(left, WINDOW))
+                if not chunk:
+                    raise OSError(f"{path}: shorter than its {self.shape} matrix")
+                fid.write(chunk)
+                left -= len(chunk)
+
+
+def open_rows(
+    path: str | Path, shape: tuple[int, ...], offset: int = 0, dtype: Any = np.float32
+) -> RowFile:
+    """``path`` (C order, from byte ``offset``) as a read-only :class:`RowFile`."""
+    arr = RowFile(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+    arr._rows_at = (str(path), offset)
+    return arr
+
+
+def rows_of(arr: Array) -> Array:
+    """A C-ordered memmap (an ``np.load(mmap_mode="r")`` cache hit) as a :class:`RowFile`."""
+    if (
+        isinstance(arr, np.memmap)
+        and not isinstance(arr, RowFile)
+        and isinstance(arr.filename, str | Path)
+        and isinstance(arr.offset, int)
+        and arr.flags.c_contiguous
+        and arr.ndim >= 1
+    ):
+        return open_rows(arr.filename, arr.shape, arr.offset, arr.dtype)
+    return arr
 
 
 def stream_activations(
@@ -36,7 +138,7 @@ def stream_activations(
     quiet: bool = True,
 ) -> Streamed:
     """Forward ``x`` in bounded batches (:func:`gate.activations.forward_batches`); each
-    batch's activations go straight to an on-disk memmap.
+    batch's activations are written straight to a file, read back as a :class:`RowFile`.
 
     With ``pool``, 4-D conv maps (N, C, H, W) are global-average-pooled to (N, C). The
     caller owns ``path`` (put it in a temporary directory that it removes). With
@@ -48,23 +150,26 @@ def stream_activations(
     path = directory / f"activations-{hashlib.sha256(layer.encode()).hexdigest()[:16]}.f32"
     n = len(x)
     preds = np.empty(n, dtype=np.int64)
-    out: np.memmap | None = None
-    for start, res in forward_batches(model, x, [layer], batch_size, None, progress, quiet):
-        a = np.asarray(res.activations[layer])
-        if pool and a.ndim == 4:
-            a = a.mean(axis=(2, 3))
-        a = a.reshape(len(a), -1).astype(np.float32, copy=False)
-        if out is None:
-            out = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, a.shape[1]))
-        out[start : start + len(a)] = a
-        logits = np.asarray(res.outputs).reshape(len(a), -1)
-        preds[start : start + len(a)] = logits.argmax(axis=1)
-    assert out is not None  # x is never empty (validated on load)
-    out.flush()
-    shape = out.shape
-    del out
-    ro = np.memmap(path, dtype=np.float32, mode="r", shape=shape)
-    return Streamed(activations=ro, predictions=preds, path=path)
+    width: int | None = None
+    # Plain writes, not a writable memmap: a mapping's dirty pages count in this process's
+    # resident memory until it is unmapped, i.e. the whole matrix at the end of extraction.
+    with open(path, "wb") as fh:
+        for start, res in forward_batches(model, x, [layer], batch_size, None, progress, quiet):
+            a = np.asarray(res.activations[layer])
+            if pool and a.ndim == 4:
+                a = a.mean(axis=(2, 3))
+            a = np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
+            width = a.shape[1] if width is None else width
+            if a.shape[1] != width:
+                raise ModelLoadError(
+                    f"{model.path}: layer {layer!r} gave {a.shape[1]} values per sample in one "
+                    f"batch and {width} in another"
+                )
+            fh.write(a.data)
+            logits = np.asarray(res.outputs).reshape(len(a), -1)
+            preds[start : start + len(a)] = logits.argmax(axis=1)
+    assert width is not None  # x is never empty (validated on load)
+    return Streamed(activations=open_rows(path, (n, width)), predictions=preds, path=path)
 
 
 def input_digest(x: Array) -> str:
@@ -98,7 +203,7 @@ def cached_activations(
     hit = cache.get(key, len(x), [layer])
     if hit is not None:
         preds = np.asarray(hit.outputs, dtype=np.float32)[:, 0].astype(np.int64)
-        return Streamed(hit.activations[layer], preds, None, cached=True)
+        return Streamed(rows_of(hit.activations[layer]), preds, None, cached=True)
     streamed = stream_activations(
         model, x, layer, directory, pool=pool, progress=progress, quiet=quiet
     )
