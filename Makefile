@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint bench bench-fingerprint bench-perf bench-ac bench-scale clean
+.PHONY: venv demo test lint bench bench-fingerprint bench-perf bench-ac bench-ac-margins bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench-fingerprint: $(STAMP)
 
 bench-ac: $(STAMP)
 	$(BIN)/python bench/bench_ac.py
+
+bench-ac-margins: $(STAMP)
+	$(BIN)/python bench/ac_margins.py
 
 bench-perf: $(STAMP)
 	$(BIN)/python bench/bench_perf.py

@@ -4,10 +4,13 @@
 Trigger: inverted pixels in the bottom-right corner; every source class l has a fraction of
 its samples stamped and relabelled (l + 1) mod 10, at 10 %, 15 % and 33 %. Prints per-class
 detection accuracy and F1 (Table 1 style), silhouettes and separations of poisoned vs clean
-classes (Table 3 style), a clean-model control, the demo's BadNets model, optionally IBM
-ART's ActivationDefence side by side, and a 200k x 512 scale case.
+classes (Table 3 style), a clean-model control, the new default vs the previous default vs
+the paper's rule on models of other seeds (poisoned and clean), the demo's BadNets model,
+optionally IBM ART's ActivationDefence side by side, and a 200k x 512 scale case.
 
-    make bench-ac            # or: .venv/bin/python bench/bench_ac.py [--quick] [--no-scale]
+    make bench-ac   # or: .venv/bin/python bench/bench_ac.py [--quick] [--no-seeds] [--no-scale]
+
+Output is printed and written to bench/results/ac.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gate.ac.clustering import ACConfig, cluster_classes
+from gate.ac.clustering import SEPARATION_RULE, ACConfig, cluster_classes
 from gate.demo.zoo import build_net, digits
 
 CACHE = REPO / ".gate-cache" / "bench-ac"
@@ -78,14 +81,16 @@ def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30) -> Any:
     return net.eval()
 
 
-def model_for(rate: float, x: np.ndarray, y: np.ndarray) -> Any:
+def model_for(rate: float, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
+    """The CNN trained on ``poisoned_set(rate, seed)`` with torch seed ``seed`` (cached)."""
     import torch
 
-    path = CACHE / f"cnn-invpix-p{rate:g}.pt"
+    suffix = "" if seed == 0 else f"-s{seed}"
+    path = CACHE / f"cnn-invpix-p{rate:g}{suffix}.pt"
     if path.is_file():
         return torch.jit.load(str(path))
     CACHE.mkdir(parents=True, exist_ok=True)
-    net = train(x, y, seed=0)
+    net = train(x, y, seed=seed)
     torch.jit.save(torch.jit.script(net), str(path))
     return torch.jit.load(str(path))
 
@@ -130,27 +135,33 @@ def scores(res: list[Any], mask: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 def class_table(res: list[Any], mask: np.ndarray, y: np.ndarray) -> None:
     print(
-        "| class | poisoned | size | small frac | silhouette | separation | ExRe l/p | src | spectral sep | flagged |"
+        "| class | poisoned | size | cluster frac | found in | silhouette | separation | ExRe l/p "
+        "| ExRe log-odds | src | spectral sep | flagged | flagged poison |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in res:
         pois = int(mask[y == c.label].sum())
         sp = c.spectral.separation if c.spectral else float("nan")
+        hit = int(mask[list(c.suspicious_indices)].sum()) if c.suspicious_indices else 0
         print(
-            f"| {c.label} | {pois} | {c.size} | {c.small_fraction} | {c.silhouette} | {c.separation} "
-            f"| {c.exre_score} | {c.suspected_source} | {sp} | {c.flagged} |"
+            f"| {c.label} | {pois} | {c.size} | {c.small_fraction} | {c.found_in} | {c.silhouette} "
+            f"| {c.separation} | {c.exre_score} | {c.exre_log_odds} | {c.suspected_source} | {sp} "
+            f"| {c.flagged} | {hit} / {len(c.suspicious_indices)} |"
         )
 
 
-def run_protocol(cfgs: dict[str, ACConfig], rates: list[float], verbose: bool) -> None:
+Configs = dict[str, tuple[ACConfig, str | None]]  # name -> (config, ExRe layer: "feats" / None)
+
+
+def run_protocol(cfgs: Configs, rates: list[float], verbose: bool) -> None:
     print("## Paper protocol on load_digits (inverted-pixel trigger, l -> l+1)\n")
     summary = []
     for rate in rates:
         x, y, mask = poisoned_set(rate)
         net = model_for(rate, x, y)
         hidden, feats, _ = activations(net, x)
-        for name, cfg in cfgs.items():
-            space = feats if "feat" in name else None
+        for name, (cfg, where) in cfgs.items():
+            space = feats if where == "feats" else None
             t0 = time.perf_counter()
             res = cluster_classes(hidden, y, cfg, exre_x=space)
             dt = time.perf_counter() - t0
@@ -171,7 +182,7 @@ def run_protocol(cfgs: dict[str, ACConfig], rates: list[float], verbose: bool) -
     print()
 
 
-def run_demo_badnets(cfgs: dict[str, ACConfig]) -> None:
+def run_demo_badnets(cfgs: Configs) -> None:
     """The demo's BadNets CNN: 10 % poison all relabelled to 0 (class 0 about half poison)."""
     import torch
 
@@ -185,8 +196,8 @@ def run_demo_badnets(cfgs: dict[str, ACConfig]) -> None:
     mask[idx] = True
     hidden, feats, _ = activations(net, x)
     print("## Demo BadNets model (3x3 patch, 10 % -> class 0)\n")
-    for name, cfg in cfgs.items():
-        res = cluster_classes(hidden, y, cfg, exre_x=feats if "feat" in name else None)
+    for name, (cfg, where) in cfgs.items():
+        res = cluster_classes(hidden, y, cfg, exre_x=feats if where == "feats" else None)
         s = scores(res, mask, y)
         print(
             f"* {name}: F1 {s['f1']:.3f} (TP {s['tp']}, FP {s['fp']}, FN {s['fn']}), flagged {s['flags']}"
@@ -195,6 +206,45 @@ def run_demo_badnets(cfgs: dict[str, ACConfig]) -> None:
             print()
             class_table(res, mask, y)
             print()
+    print()
+
+
+SEEDS_POISONED = {0.10: (1, 2, 3, 4), 0.15: (1, 2, 3, 4), 0.33: (1, 2, 3)}
+SEEDS_CLEAN = tuple(range(8))
+
+
+def run_seeds(cfgs: Configs) -> None:
+    """Models of other seeds: the data's poison draw and the training seed both change.
+    Clean models are trained on clean data (seed 0 is the protocol's clean control)."""
+    print("## Other seeds: F1 per poisoned model, flagged classes per clean model\n")
+    names = list(cfgs)
+    print("| model | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    clean_flags = {n: 0 for n in names}
+    worst = {n: 1.0 for n in names}
+    jobs = [(r, s) for r, seeds in SEEDS_POISONED.items() for s in seeds]
+    jobs += [(0.0, s) for s in SEEDS_CLEAN]
+    for rate, seed in jobs:
+        x, y, mask = poisoned_set(rate, seed=seed)
+        hidden, feats, _ = activations(model_for(rate, x, y, seed), x)
+        cells = []
+        for name, (cfg, where) in cfgs.items():
+            res = cluster_classes(hidden, y, cfg, exre_x=feats if where == "feats" else None)
+            s = scores(res, mask, y)
+            if rate > 0:
+                worst[name] = min(worst[name], s["f1"])
+                cells.append(f"{s['f1']:.3f} ({len(s['flags'])} cl.)")
+            else:
+                clean_flags[name] += len(s["flags"])
+                cells.append("none" if not s["flags"] else f"{s['flags']} ({s['fp']} samples)")
+        label = f"{rate:.0%} poison, seed {seed}" if rate > 0 else f"clean, seed {seed}"
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+    for name in names:
+        print(
+            f"* {name}: lowest F1 on poisoned seeds {worst[name]:.3f}; "
+            f"classes flagged on {len(SEEDS_CLEAN)} clean models: {clean_flags[name]}"
+        )
     print()
 
 
@@ -242,14 +292,21 @@ def run_art(rates: list[float]) -> None:
 
 
 def run_scale(n: int = 200_000, d: int = 512, classes: int = 10) -> None:
-    """Planted cluster in class 3 of a 200k x 512 float32 matrix; wall time and peak RSS."""
+    """Planted poison in class 3 of a 200k x 512 float32 matrix; wall time and peak RSS.
+
+    Classes are unit Gaussians around distinct means (4 apart along one axis each); 10 % of
+    class 3 is drawn around class 4's mean (the source), shifted by 3 along 16 other axes
+    (the trigger) and labelled 3."""
     rng = np.random.default_rng(0)
     acts = np.empty((n, d), dtype=np.float32)
     y = rng.integers(0, classes, n).astype(np.int64)
     for s in range(0, n, 20_000):
         acts[s : s + 20_000] = rng.standard_normal((min(20_000, n - s), d), dtype=np.float32)
+        acts[np.arange(s, min(s + 20_000, n)), y[s : s + 20_000]] += 4.0
     planted = np.flatnonzero(y == 3)[: int(0.1 * (y == 3).sum())]
-    acts[planted, :16] += 3.0
+    acts[planted, 3] -= 4.0
+    acts[planted, 4] += 4.0
+    acts[planted, 16:32] += 3.0
     mask = np.zeros(n, dtype=bool)
     mask[planted] = True
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -259,47 +316,90 @@ def run_scale(n: int = 200_000, d: int = 512, classes: int = 10) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = scores(res, mask, y)
     mb = acts.nbytes / 2**20
-    print("## Scale: 200,000 x 512 float32 activations, 10% planted cluster in class 3\n")
+    print("## Scale: 200,000 x 512 float32 activations, 10% planted poison in class 3\n")
     print(
         f"* activation matrix {mb:.0f} MiB; peak RSS before clustering {base:.0f} MiB, after {peak:.0f} MiB"
     )
     print(f"* clustering wall time {dt:.1f} s; F1 {s['f1']:.3f}; flagged classes {s['flags']}\n")
 
 
-CONFIGS = {
-    "default (pca, k=2 or k=3 vs rest+ExRe, sep>5.5)": ACConfig(),
-    "pca, k=2 only, sep>5.5": ACConfig(max_clusters=2),
-    "pca, sep>5.5, ExRe<1": ACConfig(exre_threshold=1.0),
-    "pca, sep>5.5, ExRe<1 (conv feats)": ACConfig(exre_threshold=1.0),
-    "pca, k<=4 vs rest": ACConfig(max_clusters=4),
-    "ica, sep>5.5": ACConfig(reduction="ica"),
-    "pca, sep>4": ACConfig(separation_threshold=4.0),
-    "pca, size only": ACConfig(separation_threshold=0),
-    "ica, silhouette>0.15 (paper)": ACConfig(
-        reduction="ica", use_silhouette=True, separation_threshold=0
+DEFAULT = (
+    "default: ExRe rule (k<=4 in both layers, ExRe in conv feats, log-odds>7 or >3.5 at sep>7)"
+)
+OLD = "previous default: separation rule (2-means sep>5.5, else 3-means + ExRe l/p<1)"
+PAPER = "paper: ICA-10, 2-means, silhouette>0.15"
+CONFIGS: Configs = {
+    DEFAULT: (ACConfig(), "feats"),
+    OLD: (SEPARATION_RULE, None),
+    PAPER: (
+        ACConfig(
+            rule="separation",
+            reduction="ica",
+            use_silhouette=True,
+            separation_threshold=0,
+            max_poison_fraction=0.35,
+            max_clusters=2,
+            n_init=10,
+        ),
+        None,
     ),
-    "spectral (sep>5.5)": ACConfig(detector="spectral"),
-    "ac or spectral": ACConfig(detector="either"),
+    "ExRe rule, ExRe in the clustered layer (no earlier layer)": (ACConfig(), None),
+    "ExRe rule, clusters of the clustered layer only": (ACConfig(search_exre_layer=False), "feats"),
+    "ExRe rule, log-odds>5": (ACConfig(exre_log_odds=5.0), "feats"),
+    "ExRe rule, k=2 only": (ACConfig(max_clusters=2), "feats"),
+    "ExRe rule, log-odds>7 only (no isolated path)": (
+        ACConfig(isolated_separation=float("inf")),
+        "feats",
+    ),
+    "ExRe rule, clusters up to 45% of a class": (ACConfig(max_poison_fraction=0.45), "feats"),
+    "previous default, ExRe l/p<1 in conv feats": (
+        replace(SEPARATION_RULE, exre_threshold=1.0),
+        "feats",
+    ),
+    "spectral (sep>5.5)": (replace(SEPARATION_RULE, detector="spectral"), None),
 }
+SEED_CONFIGS: Configs = {k: CONFIGS[k] for k in (DEFAULT, OLD, PAPER)}
+
+
+class _Tee:
+    """Print to the terminal and to bench/results/ac.md."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
 
 
 def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    out = (results / "ac.md").open("w", encoding="utf-8")
+    sys.stdout = _Tee(sys.__stdout__, out)
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--no-art", action="store_true")
+    ap.add_argument("--no-seeds", action="store_true")
     args = ap.parse_args()
     rates = [0.0, 0.10, 0.15, 0.33]
     run_protocol(CONFIGS, rates, verbose=not args.quick)
-    run_demo_badnets(CONFIGS)
+    if not args.no_seeds:
+        run_seeds(SEED_CONFIGS)
+    run_demo_badnets(SEED_CONFIGS)
     if not args.no_art:
         run_art(rates[1:])
     if not args.no_scale:
         run_scale()
-    _ = replace
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gate.ac.clustering import ACConfig, cluster_classes, separation
+from gate.ac.clustering import SEPARATION_RULE, ACConfig, cluster_classes, separation
 from tests.conftest import assert_one_line_error, run_gate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,15 +83,23 @@ def test_poison_found_on_poisoned_digits_model(poisoned: dict[str, Any], tmp_pat
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    classes = report["activation_clustering"]["classes"]
+    ac = report["activation_clustering"]
+    # The default rule and its ExRe layer: the input of the Linear producing the last hidden
+    # layer of the MLP (Flatten, Linear, ReLU, Linear, ReLU, Linear).
+    assert ac["rule"] == "exre" and ac["layer"] == "4" and ac["exre_layer"] == "2", ac["layer"]
+    classes = ac["classes"]
     flagged = [c for c in classes if c["flagged"]]
     assert len(flagged) >= 3, [(c["label"], c["separation"]) for c in classes]
+    # ExRe names the source class (l - 1) of nearly every flagged cluster.
+    right = [c["suspected_source"] == (c["label"] - 1) % 10 for c in flagged]
+    assert sum(right) >= len(flagged) - 1, [(c["label"], c["suspected_source"]) for c in flagged]
     mask = poisoned["mask"]
     found = np.array(sorted({i for c in flagged for i in c["suspicious_indices"]}))
     precision = mask[found].mean()
     assert precision >= 0.9, precision
     for c in flagged:
         assert c["spectral"] is not None and c["exre_score"] is not None
+        assert c["exre_log_odds"] > 7  # the default policy's exre_log_odds
         assert c["reasons"]
     # Files written by the CLI next to report.json.
     csv = (out / "suspicious.csv").read_text().splitlines()
@@ -124,12 +132,21 @@ def test_clean_model_on_clean_data_flags_nothing(clean: dict[str, Any], tmp_path
     )
 
 
+# Class means for _planted: 3 along four dimensions of each class's own.
+_MEANS = np.kron(3.0 * np.eye(3, 8, dtype=np.float32), np.ones((1, 4), dtype=np.float32))
+
+
 def _planted(n: int = 600, d: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three Gaussian classes (means 3 apart along four dimensions of their own); 30 rows of
+    class 1 are poison: drawn like class 2 (the source), shifted by a trigger in four other
+    dimensions, labelled 1."""
     rng = np.random.default_rng(seed)
     acts = rng.standard_normal((n, d)).astype(np.float32)
     y = np.repeat(np.arange(3), n // 3).astype(np.int64)
+    acts += _MEANS[y]
     planted = np.flatnonzero(y == 1)[:30]
-    acts[planted, :4] += 6.0
+    acts[planted] += _MEANS[2] - _MEANS[1]
+    acts[planted, 24:28] += 6.0
     return acts, y, planted
 
 
@@ -139,11 +156,105 @@ def test_planted_cluster_is_found_and_results_are_deterministic() -> None:
     b = cluster_classes(acts.copy(), y.copy(), ACConfig())
     assert [c.label for c in a if c.flagged] == [1]
     assert set(a[1].suspicious_indices) == set(planted.tolist())
+    assert a[1].suspected_source == 2 and a[1].exre_log_odds is not None
+    assert a[1].exre_log_odds > ACConfig().exre_log_odds
     assert a[1].spectral is not None and a[1].spectral.flagged
-    strip = [(c.silhouette, c.suspicious_indices, c.separation, c.exre_score) for c in a]
-    assert strip == [(c.silhouette, c.suspicious_indices, c.separation, c.exre_score) for c in b]
+    strip = [
+        (c.silhouette, c.suspicious_indices, c.separation, c.exre_score, c.exre_log_odds) for c in a
+    ]
+    assert strip == [
+        (c.silhouette, c.suspicious_indices, c.separation, c.exre_score, c.exre_log_odds) for c in b
+    ]
     ica = cluster_classes(acts, y, ACConfig(reduction="ica"))
     assert [c.label for c in ica if c.flagged] == [1]
+    old = cluster_classes(acts, y, SEPARATION_RULE)
+    assert [c.label for c in old if c.flagged] == [1]
+    assert set(old[1].suspicious_indices) == set(planted.tolist())
+
+
+def test_exre_rule_needs_a_source_class() -> None:
+    """A tight sub-population that looks like no other class (here: a class-1 cluster moved
+    off along unused dimensions) is what the separation rule flags and the ExRe rule does
+    not: ExRe asks whether the cluster belongs to another class, as relabelled poison does."""
+    acts, y, planted = _planted()
+    acts[planted] += _MEANS[1] - _MEANS[2]  # back to class 1's mean; the trigger stays
+    assert [c.label for c in cluster_classes(acts, y, SEPARATION_RULE) if c.flagged] == [1]
+    res = cluster_classes(acts, y, ACConfig())
+    assert not [c.label for c in res if c.flagged]
+    assert res[1].exre_log_odds is not None and res[1].exre_log_odds < ACConfig().exre_log_odds
+
+
+def test_isolated_path_needs_half_the_log_odds() -> None:
+    """A cluster far from the rest of its class is flagged on half of exre_log_odds; with the
+    isolated path switched off the same cluster needs the full log-odds."""
+    acts, y, planted = _planted()
+    base = cluster_classes(acts, y, ACConfig())[1]
+    assert base.exre_log_odds is not None and base.separation is not None
+    odds, sep = base.exre_log_odds, base.separation
+    # Full threshold above this cluster's log-odds, half of it below: only isolation flags it.
+    strict = ACConfig(exre_log_odds=1.5 * odds, isolated_separation=sep - 1.0)
+    flagged = cluster_classes(acts, y, strict)[1]
+    assert flagged.flagged and set(flagged.suspicious_indices) == set(planted.tolist())
+    iso = f"> {strict.isolated_separation}"
+    assert any("separation" in r and iso in r for r in flagged.reasons), flagged.reasons
+    off = cluster_classes(acts, y, ACConfig(exre_log_odds=1.5 * odds, isolated_separation=sep + 1))
+    assert not off[1].flagged
+
+
+def test_majority_poison_is_found_with_the_exre_rule() -> None:
+    """All-to-one poisoning makes the target class mostly poison: the bigger side of the split
+    is the poison and ExRe confirms it; the separation rule only judges the smaller side."""
+    rng = np.random.default_rng(3)
+    n, d = 900, 32
+    y = np.repeat(np.arange(3), n // 3).astype(np.int64)
+    acts = (rng.standard_normal((n, d)) + _MEANS[y]).astype(np.float32)
+    target = np.flatnonzero(y == 0)
+    planted = target[:165]  # 55 % of class 0: classes 1 and 2 with a trigger, labelled 0
+    sources = np.where(np.arange(len(planted)) % 2 == 0, 1, 2)
+    acts[planted] += _MEANS[sources] - _MEANS[0]
+    acts[planted, 24:28] += 6.0
+    res = cluster_classes(acts, y, ACConfig())
+    assert [c.label for c in res if c.flagged] == [0]
+    assert set(res[0].suspicious_indices) == set(planted.tolist())
+    assert res[0].small_fraction is not None and res[0].small_fraction > 0.5
+    old = cluster_classes(acts, y, SEPARATION_RULE)
+    assert set(old[0].suspicious_indices).isdisjoint(planted.tolist())
+
+
+def test_default_exre_layer_is_the_input_of_the_layer_producing_the_clustered_one() -> None:
+    from gate.ac.layers import default_exre_layer
+
+    class Fake:
+        def __init__(self, kinds: dict[str, str]) -> None:
+            self.kinds = kinds
+
+        def layer_names(self) -> list[str]:
+            return list(self.kinds)
+
+        def layer_kinds(self) -> dict[str, str]:
+            return dict(self.kinds)
+
+    cnn = Fake(
+        {
+            "features.0": "Conv2d",
+            "features.1": "ReLU",
+            "features": "Sequential",
+            "features.4": "MaxPool2d",
+            "@flatten_0": "aten::flatten",
+            "fc": "Linear",
+            "@relu_0": "aten::relu",
+            "head": "Linear",
+        }
+    )
+    assert default_exre_layer(cnn, "@relu_0") == "@flatten_0"  # type: ignore[arg-type]
+    assert default_exre_layer(cnn, "features.1") is None  # type: ignore[arg-type]
+    mlp = Fake(
+        {"0": "Flatten", "1": "Linear", "2": "ReLU", "3": "Linear", "4": "ReLU", "5": "Linear"}
+    )
+    assert default_exre_layer(mlp, "4") == "2"  # type: ignore[arg-type]
+    eager = Fake({**mlp.kinds, "@penultimate": "input of last Linear"})
+    assert default_exre_layer(eager, "@penultimate") == "2"  # type: ignore[arg-type]
+    assert default_exre_layer(eager, "missing") is None  # type: ignore[arg-type]
 
 
 def test_gaussian_classes_are_not_flagged() -> None:

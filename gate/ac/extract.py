@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from gate.activations import ActivationCache, forward_batches
 from gate.errors import ModelLoadError
 from gate.models.base import Array, ForwardResult, LoadedModel
 
-BATCH = 256
+BATCH = 1024  # rows per forward batch at most; forward_batches also bounds them by memory
 HASH_CHUNK = 1 << 24  # bytes of input hashed at a time
 WINDOW = 16 << 20  # bytes of the file mapped at a time by a RowFile row gather
 
@@ -127,6 +128,79 @@ def rows_of(arr: Array) -> Array:
     return arr
 
 
+@dataclass(frozen=True)
+class LayerRequest:
+    """A layer to stream, and how its 4-D conv maps (N, C, H, W) become rows: flattened,
+    global-average-pooled to (N, C) (``pool``), or pooled only when one sample has more than
+    ``pool_wider_than`` values."""
+
+    name: str
+    pool: bool = False
+    pool_wider_than: int | None = None
+
+    def rows(self, a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        wide = self.pool_wider_than is not None and int(np.prod(a.shape[1:])) > self.pool_wider_than
+        if a.ndim == 4 and (self.pool or wide):
+            a = a.mean(axis=(2, 3))
+        return np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
+
+    @property
+    def cache_tag(self) -> str:
+        if self.pool:
+            return "ac-pool"
+        return "ac-flat" if self.pool_wider_than is None else f"ac-pool>{self.pool_wider_than}"
+
+
+def stream_layers(
+    model: LoadedModel,
+    x: Array,
+    requests: list[LayerRequest],
+    directory: str | Path | None = None,
+    batch_size: int = BATCH,
+    progress: str | None = None,
+    quiet: bool = True,
+) -> list[Streamed]:
+    """Forward ``x`` once in bounded batches (:func:`gate.activations.forward_batches`); each
+    batch's activations of every requested layer are written straight to a file per layer,
+    read back as a :class:`RowFile`.
+
+    The caller owns the files (put them in a temporary ``directory`` that it removes). With
+    ``progress`` (a label) and enough batches, progress goes to stderr unless ``quiet``.
+    """
+    directory = (
+        Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="gate-ac-"))
+    )
+    paths = [
+        directory / f"activations-{hashlib.sha256(repr(r).encode()).hexdigest()[:16]}.f32"
+        for r in requests
+    ]
+    n = len(x)
+    preds = np.empty(n, dtype=np.int64)
+    widths: list[int | None] = [None] * len(requests)
+    names = list(dict.fromkeys(r.name for r in requests))
+    # Plain writes, not a writable memmap: a mapping's dirty pages count in this process's
+    # resident memory until it is unmapped, i.e. the whole matrix at the end of extraction.
+    with ExitStack() as stack:
+        files = [stack.enter_context(open(p, "wb")) for p in paths]
+        for start, res in forward_batches(model, x, names, batch_size, None, progress, quiet):
+            for i, (req, fh) in enumerate(zip(requests, files, strict=True)):
+                a = req.rows(np.asarray(res.activations[req.name]))
+                if widths[i] is None:
+                    widths[i] = a.shape[1]
+                elif a.shape[1] != widths[i]:
+                    raise ModelLoadError(
+                        f"{model.path}: layer {req.name!r} gave {a.shape[1]} values per sample "
+                        f"in one batch and {widths[i]} in another"
+                    )
+                fh.write(a.data)
+            logits = np.asarray(res.outputs).reshape(len(a), -1)
+            preds[start : start + len(a)] = logits.argmax(axis=1)
+    return [
+        Streamed(activations=open_rows(p, (n, int(w or 0))), predictions=preds, path=p)
+        for p, w in zip(paths, widths, strict=True)
+    ]
+
+
 def stream_activations(
     model: LoadedModel,
     x: Array,
@@ -137,39 +211,9 @@ def stream_activations(
     progress: str | None = None,
     quiet: bool = True,
 ) -> Streamed:
-    """Forward ``x`` in bounded batches (:func:`gate.activations.forward_batches`); each
-    batch's activations are written straight to a file, read back as a :class:`RowFile`.
-
-    With ``pool``, 4-D conv maps (N, C, H, W) are global-average-pooled to (N, C). The
-    caller owns ``path`` (put it in a temporary directory that it removes). With
-    ``progress`` (a label) and enough batches, progress goes to stderr unless ``quiet``.
-    """
-    directory = (
-        Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="gate-ac-"))
-    )
-    path = directory / f"activations-{hashlib.sha256(layer.encode()).hexdigest()[:16]}.f32"
-    n = len(x)
-    preds = np.empty(n, dtype=np.int64)
-    width: int | None = None
-    # Plain writes, not a writable memmap: a mapping's dirty pages count in this process's
-    # resident memory until it is unmapped, i.e. the whole matrix at the end of extraction.
-    with open(path, "wb") as fh:
-        for start, res in forward_batches(model, x, [layer], batch_size, None, progress, quiet):
-            a = np.asarray(res.activations[layer])
-            if pool and a.ndim == 4:
-                a = a.mean(axis=(2, 3))
-            a = np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
-            width = a.shape[1] if width is None else width
-            if a.shape[1] != width:
-                raise ModelLoadError(
-                    f"{model.path}: layer {layer!r} gave {a.shape[1]} values per sample in one "
-                    f"batch and {width} in another"
-                )
-            fh.write(a.data)
-            logits = np.asarray(res.outputs).reshape(len(a), -1)
-            preds[start : start + len(a)] = logits.argmax(axis=1)
-    assert width is not None  # x is never empty (validated on load)
-    return Streamed(activations=open_rows(path, (n, width)), predictions=preds, path=path)
+    """One layer through :func:`stream_layers`."""
+    req = [LayerRequest(layer, pool)]
+    return stream_layers(model, x, req, directory, batch_size, progress, quiet)[0]
 
 
 def input_digest(x: Array) -> str:
@@ -184,32 +228,37 @@ def input_digest(x: Array) -> str:
 def cached_activations(
     model: LoadedModel,
     x: Array,
-    layer: str,
+    requests: list[LayerRequest],
     directory: str | Path,
     cache: ActivationCache | None,
     input_hash: str | None = None,
-    pool: bool = False,
     progress: str | None = None,
     quiet: bool = True,
-) -> Streamed:
-    """:func:`stream_activations` through ``cache``: keyed by the model's sha256, the data's
-    hash, the layer and the pooling. A hit is memory-mapped, not read into memory."""
+) -> list[Streamed]:
+    """:func:`stream_layers` through ``cache``: keyed by the model's sha256, the data's hash,
+    the layer and the pooling. Hits are memory-mapped, not read into memory; the misses are
+    streamed together in one pass."""
     if cache is None:
-        return stream_activations(
-            model, x, layer, directory, pool=pool, progress=progress, quiet=quiet
-        )
+        return stream_layers(model, x, requests, directory, BATCH, progress, quiet)
     digest = input_hash or input_digest(x)
-    key = cache.key(model.sha256, digest, (layer, "ac-pool" if pool else "ac-flat"))
-    hit = cache.get(key, len(x), [layer])
-    if hit is not None:
+    keys = [cache.key(model.sha256, digest, (r.name, r.cache_tag)) for r in requests]
+    out: list[Streamed | None] = []
+    for key, req in zip(keys, requests, strict=True):
+        hit = cache.get(key, len(x), [req.name])
+        if hit is None:
+            out.append(None)
+            continue
         preds = np.asarray(hit.outputs, dtype=np.float32)[:, 0].astype(np.int64)
-        return Streamed(rows_of(hit.activations[layer]), preds, None, cached=True)
-    streamed = stream_activations(
-        model, x, layer, directory, pool=pool, progress=progress, quiet=quiet
-    )
-    # The entry's "outputs" hold the predicted class (a float32 column), all AC needs.
-    outputs = streamed.predictions.astype(np.float32)[:, None]
-    cache.put(
-        key, ForwardResult(outputs=outputs, activations={layer: streamed.activations}), [layer]
-    )
-    return streamed
+        out.append(Streamed(rows_of(hit.activations[req.name]), preds, None, cached=True))
+    missing = [i for i, s in enumerate(out) if s is None]
+    if missing:
+        todo = [requests[i] for i in missing]
+        fresh = stream_layers(model, x, todo, directory, BATCH, progress, quiet)
+        for i, streamed in zip(missing, fresh, strict=True):
+            # The entry's "outputs" hold the predicted class (a float32 column), all AC needs.
+            outputs = streamed.predictions.astype(np.float32)[:, None]
+            name = requests[i].name
+            result = ForwardResult(outputs=outputs, activations={name: streamed.activations})
+            cache.put(keys[i], result, [name])
+            out[i] = streamed
+    return [s for s in out if s is not None]

@@ -23,6 +23,8 @@ _SAME = (
     "segment_by",
     "detector",
     "exre",
+    "rule",
+    "exre_layer",
 )
 
 

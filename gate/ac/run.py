@@ -7,6 +7,8 @@ import time
 import numpy as np
 
 from gate._threads import thread_limit
+from gate.ac.clustering import ACConfig
+from gate.ac.extract import LayerRequest
 from gate.ac.options import ACOptions
 from gate.activations import ActivationCache
 from gate.data import Dataset
@@ -41,7 +43,7 @@ def activation_clustering(
     import shutil
     import tempfile
 
-    from gate.ac.clustering import ACConfig, cluster_classes
+    from gate.ac.clustering import cluster_classes
     from gate.ac.extract import cached_activations, input_digest
     from gate.ac.options import clustering_threads
     from gate.ac.pictures import cluster_picture
@@ -54,38 +56,21 @@ def activation_clustering(
     try:
         digest = input_digest(data.x)
         try:
-            streamed = cached_activations(
-                model, data.x, chosen, tmp, cache, digest, opts.pool, "activations", opts.quiet
+            main_layer = LayerRequest(chosen, opts.pool)
+            exre_layer = _exre_layer(model, chosen, policy, opts)
+            wanted_layers = [main_layer]
+            if exre_layer is not None and exre_layer != main_layer:
+                wanted_layers.append(exre_layer)
+            got = cached_activations(
+                model, data.x, wanted_layers, tmp, cache, digest, "activations", opts.quiet
             )
-            exre_x = None
-            if opts.exre_layer:
-                exre_x = cached_activations(
-                    model,
-                    data.x,
-                    resolve_layer(model, opts.exre_layer),
-                    tmp,
-                    cache,
-                    digest,
-                    opts.pool,
-                    "ExRe activations",
-                    opts.quiet,
-                ).activations
+            streamed = got[0]
+            exre_x = None if exre_layer is None else got[-1].activations
         except ModelLoadError as exc:
             raise MismatchError(f"{exc} (does --data match the model's input?)") from None
         t1 = time.perf_counter()
         segments = streamed.predictions if opts.segment_by == "predicted" else data.y
-        config = ACConfig(
-            n_components=policy.n_components,
-            reduction=opts.reduction,
-            max_poison_fraction=policy.max_poison_fraction,
-            silhouette_threshold=policy.silhouette_threshold,
-            use_silhouette=policy.rule == "silhouette",
-            separation_threshold=policy.separation_threshold,
-            min_cluster_size=policy.min_cluster_size,
-            detector=opts.detector,
-            exre_threshold=opts.exre_threshold,
-            seed=seed,
-        )
+        config = ac_config(policy, opts, seed)
         present = sorted(int(c) for c in np.unique(segments))
         wanted = opts.classes.pick(present) if opts.classes is not None else present
         classes = []
@@ -117,6 +102,8 @@ def activation_clustering(
         timings["cluster"] = timings.get("cluster", 0.0) + (time.perf_counter() - t1)
     return ActivationClusteringReport(
         layer=chosen,
+        rule=policy.rule,
+        exre_layer=None if exre_layer is None else exre_layer.name,
         data=data.path,
         n_samples=len(data),
         reduction=opts.reduction,
@@ -138,7 +125,9 @@ def activation_clustering(
                 separation=c.separation,
                 small_fraction=c.small_fraction,
                 exre_score=c.exre_score,
+                exre_log_odds=c.exre_log_odds,
                 suspected_source=c.suspected_source,
+                found_in=c.found_in,
                 spectral=None
                 if c.spectral is None
                 else SpectralReport(
@@ -152,3 +141,55 @@ def activation_clustering(
             for c in classes
         ],
     )
+
+
+def ac_config(policy: ActivationClusteringPolicy, opts: ACOptions, seed: int = 0) -> ACConfig:
+    """The clustering configuration a policy and the `gate ac` options ask for."""
+    from gate.ac.clustering import EXRE_SEPARATION_THRESHOLD, N_INIT, SEPARATION_THRESHOLD
+
+    exre = policy.rule == "exre"
+    separation = policy.separation_threshold
+    if separation is None:
+        separation = EXRE_SEPARATION_THRESHOLD if exre else SEPARATION_THRESHOLD
+    return ACConfig(
+        n_components=policy.n_components,
+        reduction=opts.reduction,
+        rule="exre" if exre else "separation",
+        # Rules other than "exre" judge the smaller side of a split only.
+        max_poison_fraction=policy.max_poison_fraction
+        if exre
+        else min(policy.max_poison_fraction, 0.5),
+        silhouette_threshold=policy.silhouette_threshold,
+        use_silhouette=policy.rule == "silhouette",
+        separation_threshold=separation,
+        exre_log_odds=policy.exre_log_odds,
+        isolated_separation=policy.isolated_separation,
+        min_cluster_size=policy.min_cluster_size,
+        detector=opts.detector,
+        exre_threshold=opts.exre_threshold,
+        max_clusters=4 if exre else 3,
+        n_init=N_INIT if exre else 10,  # the other rules judge one split: more restarts
+        seed=seed,
+    )
+
+
+# The default ExRe layer's conv maps are flattened up to this many values per sample (a
+# digit CNN's 32x4x4 features: where the trigger sits is part of the evidence) and pooled
+# above it, so a wide map stays cheap to cluster and classify.
+EXRE_FLAT_MAX = 4096
+
+
+def _exre_layer(
+    model: LoadedModel, chosen: str, policy: ActivationClusteringPolicy, opts: ACOptions
+) -> LayerRequest | None:
+    """The ExRe layer: ``--exre-layer`` (pooled as ``--pool`` says), else with rule "exre"
+    the input of the affine layer producing the clustered one (:mod:`gate.ac.layers`), conv
+    maps pooled only when wider than :data:`EXRE_FLAT_MAX`."""
+    from gate.ac.layers import default_exre_layer
+
+    if opts.exre_layer:
+        return LayerRequest(resolve_layer(model, opts.exre_layer), opts.pool)
+    if policy.rule != "exre":
+        return None
+    name = default_exre_layer(model, chosen)
+    return None if name is None else LayerRequest(name, pool_wider_than=EXRE_FLAT_MAX)

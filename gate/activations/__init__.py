@@ -85,7 +85,7 @@ def extract(
 
 
 DEFAULT_CACHE_DIR = ".gate-cache/activations"
-_CACHE_VERSION = "2"  # 2: bounded batches (first rows run alone)
+_CACHE_VERSION = "3"  # 2: bounded batches (first rows run alone); 3: AC batches of 1024
 
 
 class ActivationCache:

@@ -34,19 +34,42 @@ class FingerprintPolicy(_Strict):
 
 
 class ActivationClusteringPolicy(_Strict):
-    rule: Literal["separation", "silhouette"] = Field(
-        "separation",
+    rule: Literal["exre", "separation", "silhouette"] = Field(
+        "exre",
         description=(
-            "How a 2-means split is judged: 'separation' (gate's default, chosen on "
-            "benchmark evidence) or the paper's 'silhouette' threshold."
+            "How a class's clusters are judged: 'exre' (gate's default: a small, separated "
+            "k-means cluster that the fast ExRe classifier in an earlier layer confidently "
+            "puts in one other class), 'separation' (the previous default: the smaller "
+            "2-means cluster lies far from the rest) or the paper's 'silhouette' threshold."
         ),
     )
-    separation_threshold: float = Field(
-        5.5,
+    separation_threshold: float | None = Field(
+        None,
         gt=0,
         description=(
-            "Flag a class whose smaller cluster lies this many within-cluster spreads away "
-            "from the rest (clean digit classes measured 2.8-5.3, isolated poison 5.5-15)."
+            "A suspicious cluster must lie this many within-cluster spreads away from the "
+            "rest of its class. Unset: 3.0 for rule 'exre' (one blob cut in two gives 2.65; "
+            "the ExRe evidence does the rest) and 5.5 for 'separation'/'silhouette' (clean "
+            "digit classes measured up to 6.5, isolated poison 5.5-15)."
+        ),
+    )
+    exre_log_odds: float = Field(
+        7.0,
+        gt=0,
+        description=(
+            "Rule 'exre': flag a cluster when the median over its members of "
+            "log p(best other class) - log p(class) under the fast ExRe classifier exceeds "
+            "this (clusters of 99 clean digit CNNs/MLPs measured at most 5.6, flagged poison "
+            "mostly 8-26)."
+        ),
+    )
+    isolated_separation: float = Field(
+        7.0,
+        gt=0,
+        description=(
+            "Rule 'exre': a cluster this far from the rest of its class (in within-cluster "
+            "spreads) needs only half of exre_log_odds (clusters of 16 clean digit CNNs: none "
+            "had separation > 6.6 and log-odds > 2.5 together)."
         ),
     )
     silhouette_threshold: float = Field(
@@ -56,10 +79,15 @@ class ActivationClusteringPolicy(_Strict):
         description="Flag a class whose silhouette exceeds this (rule: silhouette only).",
     )
     max_poison_fraction: float = Field(
-        0.35,
+        0.6,
         gt=0,
-        le=0.5,
-        description="The smaller cluster must hold at most this fraction of the class.",
+        lt=1,
+        description=(
+            "A suspicious cluster holds at most this fraction of its class. Rule 'exre' "
+            "judges both sides of a split (ExRe must confirm either), so it may exceed 0.5: "
+            "all-to-one poisoning of 10% of a 10-class set makes the target class about half "
+            "poison. Other rules judge the smaller side only (at most 0.5)."
+        ),
     )
     min_cluster_size: int = Field(
         5, ge=1, description="Ignore suspicious clusters smaller than this."

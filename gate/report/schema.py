@@ -73,7 +73,13 @@ class ClassReport(_Model):
     separation: float | None = None
     small_fraction: float | None = None
     exre_score: float | None = None
+    exre_log_odds: float | None = None
     suspected_source: int | None = None
+    found_in: str | None = Field(
+        default=None,
+        description="rule exre: where the reported cluster was found, 'layer' (the clustered "
+        "layer) or 'exre layer'",
+    )
     spectral: SpectralReport | None = None
     reasons: list[str] = []
 
@@ -87,6 +93,10 @@ class ActivationClusteringReport(_Model):
     segment_by: str = "label"
     detector: str = "ac"
     exre: str = "linear"
+    rule: str = "separation"
+    exre_layer: str | None = Field(
+        default=None, description="the layer the fast ExRe classifier ran in (null: `layer`)"
+    )
     data_sha256: str | None = None
     labels: list[int] = Field(default=[], description="every class label present in the data")
     class_subset: str | None = Field(
