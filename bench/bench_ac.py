@@ -347,6 +347,10 @@ CONFIGS: Configs = {
     "ExRe rule, clusters of the clustered layer only": (ACConfig(search_exre_layer=False), "feats"),
     "ExRe rule, log-odds>5": (ACConfig(exre_log_odds=5.0), "feats"),
     "ExRe rule, k=2 only": (ACConfig(max_clusters=2), "feats"),
+    "ExRe rule, FastICA-10 instead of PCA-10 (the paper's reduction)": (
+        ACConfig(reduction="ica"),
+        "feats",
+    ),
     "ExRe rule, log-odds>7 only (no isolated path)": (
         ACConfig(isolated_separation=float("inf")),
         "feats",

@@ -15,6 +15,29 @@ def test_demo_prints_both_verdicts(demo_dir: Path) -> None:
     assert "reports:" in out
 
 
+def test_demo_activation_clustering_finds_the_poison(demo_dir: Path) -> None:
+    """The demo scans each candidate with its own training set: AC flags exactly the rows
+    the demo poisoned (BadNets all-to-one: class 0 is about half poison) and nothing in the
+    clean candidate's data; the CLI's AC files sit next to the reports."""
+    from gate.demo.run import BACKDOORED
+    from gate.demo.zoo import training_set
+
+    _, _, poisoned = training_set(BACKDOORED)
+    bad = json.loads((demo_dir / "report-backdoored" / "report.json").read_text())
+    flagged = {i for c in bad["activation_clustering"]["classes"] for i in c["suspicious_indices"]}
+    truth = set(poisoned.tolist())
+    precision = len(flagged & truth) / max(len(flagged), 1)
+    recall = len(flagged & truth) / len(truth)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    assert [c["label"] for c in bad["activation_clustering"]["classes"] if c["flagged"]] == [0]
+    for name in ("suspicious.csv", "clean_indices.npy", "ac-class-0-clusters.png"):
+        assert (demo_dir / "report-backdoored" / name).is_file(), name
+    assert "clean_indices.npy" in (demo_dir / "report-backdoored" / "summary.md").read_text()
+    clean = json.loads((demo_dir / "report-clean" / "report.json").read_text())
+    assert not any(c["flagged"] for c in clean["activation_clustering"]["classes"])
+    assert clean["verdict"] == "pass"
+
+
 def test_demo_backdoor_really_works(demo_models: dict[str, Path]) -> None:
     import torch
 

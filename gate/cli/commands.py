@@ -200,7 +200,7 @@ def ac_merge(args: argparse.Namespace) -> int:
         raise UsageError(f"--report-dir {report_dir} is one of the parts; pick a new directory")
     report = merge_parts([(p, read_part(p)) for p in args.parts], policy)
     _emit(report, formats, report_dir, quiet=args.quiet)
-    _write_ac_files(report, report_dir)
+    write_ac_files(report, report_dir)
     # Pictures were drawn by the job that clustered the class: carry them over.
     for part in args.parts:
         for png in sorted(Path(part).glob("ac-class-*.png")):
@@ -237,12 +237,12 @@ def _run_and_report(
     t_report = time.perf_counter()
     report_dir = Path(args.report_dir)
     _emit(report, formats, report_dir, quiet=args.quiet)
-    _write_ac_files(report, report_dir, data, pictures)
+    write_ac_files(report, report_dir, data, pictures)
     timings["report"] = time.perf_counter() - t_report
     return report, timings, cache, report_dir
 
 
-def _write_ac_files(
+def write_ac_files(
     report: Report, report_dir: Path, data: object = None, pictures: dict[int, bytes] | None = None
 ) -> None:
     """suspicious.csv, clean_indices.npy and per flagged class a cluster picture and (image
