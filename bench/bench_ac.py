@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gate.ac.clustering import SEPARATION_RULE, ACConfig, cluster_classes
-from gate.demo.zoo import build_net, digits
+from gate.demo.zoo import Arch, build_net, digits
 
 CACHE = REPO / ".gate-cache" / "bench-ac"
 TRIGGER = ((7, 7), (6, 6), (5, 7), (7, 5))
@@ -62,11 +62,11 @@ def poisoned_set(rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
     return x, y, mask
 
 
-def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30) -> Any:
+def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30, arch: Arch = "cnn") -> Any:
     import torch
 
     torch.manual_seed(seed)
-    net = build_net("cnn", 64)
+    net = build_net(arch, 64)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
@@ -81,16 +81,16 @@ def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 30) -> Any:
     return net.eval()
 
 
-def model_for(rate: float, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
-    """The CNN trained on ``poisoned_set(rate, seed)`` with torch seed ``seed`` (cached)."""
+def model_for(rate: float, x: np.ndarray, y: np.ndarray, seed: int = 0, arch: str = "cnn") -> Any:
+    """The net trained on ``poisoned_set(rate, seed)`` with torch seed ``seed`` (cached)."""
     import torch
 
     suffix = "" if seed == 0 else f"-s{seed}"
-    path = CACHE / f"cnn-invpix-p{rate:g}{suffix}.pt"
+    path = CACHE / f"{arch}-invpix-p{rate:g}{suffix}.pt"
     if path.is_file():
         return torch.jit.load(str(path))
     CACHE.mkdir(parents=True, exist_ok=True)
-    net = train(x, y, seed=seed)
+    net = train(x, y, seed=seed, arch=arch)
     torch.jit.save(torch.jit.script(net), str(path))
     return torch.jit.load(str(path))
 
@@ -206,6 +206,42 @@ def run_demo_badnets(cfgs: Configs) -> None:
             print()
             class_table(res, mask, y)
             print()
+    print()
+
+
+def run_mlp(cfgs: Configs) -> None:
+    """The same protocol on digit MLPs (64-128-64-10): the clustered layer is the second
+    hidden layer, the ExRe layer the first (the input of the Linear producing it)."""
+    import torch
+
+    print("## The protocol on digit MLPs (Flatten, 64-128, ReLU, 128-64, ReLU, 64-10)\n")
+    names = list(cfgs)
+    print("| model | clean acc | attack success | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 3) + "|")
+    clean_y = digits("train")[1]
+    for rate in (0.0, 0.10, 0.15, 0.33):
+        for seed in (0, 1, 2):
+            x, y, mask = poisoned_set(rate, seed=seed)
+            net = model_for(rate, x, y, seed, arch="mlp")
+            with torch.inference_mode():
+                xt = torch.from_numpy(x)
+                outs = [xt]
+                for layer in net.children():  # a scripted Sequential cannot be sliced
+                    outs.append(layer(outs[-1]))
+                first, second = outs[3].numpy(), outs[5].numpy()  # after each ReLU
+                acc = float((net(xt).argmax(1).numpy() == y).mean())
+                stamped = net(torch.from_numpy(stamp(x))).argmax(1).numpy()
+                asr = float((stamped == (clean_y + 1) % 10).mean())
+            cells = []
+            for cfg, where in cfgs.values():
+                res = cluster_classes(second, y, cfg, exre_x=first if where == "feats" else None)
+                s = scores(res, mask, y)
+                if rate > 0:
+                    cells.append(f"{s['f1']:.3f} ({len(s['flags'])} cl., FP {s['fp']})")
+                else:
+                    cells.append("none" if not s["flags"] else f"{s['flags']} ({s['fp']})")
+            label = f"{rate:.0%} poison, seed {seed}" if rate > 0 else f"clean, seed {seed}"
+            print(f"| {label} | {acc:.3f} | {asr:.2f} | " + " | ".join(cells) + " |")
     print()
 
 
@@ -363,6 +399,8 @@ CONFIGS: Configs = {
     "spectral (sep>5.5)": (replace(SEPARATION_RULE, detector="spectral"), None),
 }
 SEED_CONFIGS: Configs = {k: CONFIGS[k] for k in (DEFAULT, OLD, PAPER)}
+LOW_ODDS = "ExRe rule, log-odds>5"
+MLP_CONFIGS: Configs = {k: CONFIGS[k] for k in (DEFAULT, LOW_ODDS, OLD)}
 
 
 class _Tee:
@@ -394,11 +432,14 @@ def main() -> None:
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--no-art", action="store_true")
     ap.add_argument("--no-seeds", action="store_true")
+    ap.add_argument("--no-mlp", action="store_true")
     args = ap.parse_args()
     rates = [0.0, 0.10, 0.15, 0.33]
     run_protocol(CONFIGS, rates, verbose=not args.quick)
     if not args.no_seeds:
         run_seeds(SEED_CONFIGS)
+    if not args.no_mlp:
+        run_mlp(MLP_CONFIGS)
     run_demo_badnets(SEED_CONFIGS)
     if not args.no_art:
         run_art(rates[1:])

@@ -203,7 +203,7 @@ def _one_class(
             n,
             f"too small to cluster ({n} samples; need at least {2 * k + 2} for {k} components)",
         )
-    x = _class_rows(acts, idx)
+    x = _class_rows(acts, idx, cfg.seed)
     if x.shape[1] < 2:
         return _skip(label, n, "activations are constant")
     reduced, top = _reduce(x, min(k, x.shape[1], n - 1), cfg.reduction, cfg.seed)
@@ -263,11 +263,14 @@ def _one_class(
 
 
 def _class_rows(
-    acts: npt.NDArray[np.float32], idx: npt.NDArray[np.int64]
+    acts: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], seed: int = 0
 ) -> npt.NDArray[np.float32]:
-    """The class's rows, flattened, without constant columns (one copy of the class)."""
+    """The class's rows, flattened, without the columns that are constant on the rows the
+    reduction is fitted on (:func:`_fit_rows`): those get no weight in it anyway, so the
+    check reads the sample, not the whole class. One copy of the class."""
     x = np.asarray(acts[idx], dtype=np.float32).reshape(len(idx), -1)
-    varying = (x.max(axis=0) - x.min(axis=0)) > 1e-6  # no float temporaries the size of x
+    fit = _fit_rows(x, seed)
+    varying = (fit.max(axis=0) - fit.min(axis=0)) > 1e-6
     return x if varying.all() else x[:, varying]
 
 
@@ -334,7 +337,7 @@ def _exre_rule(
     n = len(idx)
     spaces: list[tuple[str, npt.NDArray[np.float64]]] = [("layer", reduced)]
     if exre_layer is not None and cfg.search_exre_layer:
-        xe = _class_rows(exre_layer, idx)
+        xe = _class_rows(exre_layer, idx, cfg.seed)
         if xe.shape[1] >= 2:
             comps = min(cfg.n_components, xe.shape[1], n - 1)
             spaces.append(("exre layer", reduce(xe, comps, cfg.reduction, cfg.seed)))
