@@ -34,16 +34,15 @@ from gate.ac.clustering import (
     _class_rows,
     _Evidence,
     _exre_sample,
-    kmeans,
+    candidates,
     reduce,
-    separation,
 )
 
 CFG = ACConfig()
 MIN_SEP = 2.9  # below this a candidate is a cut through one blob; no ExRe is computed
 
 
-def candidates(
+def class_candidates(
     hidden: np.ndarray, feats: np.ndarray, y: np.ndarray, poison: np.ndarray
 ) -> list[dict[str, Any]]:
     sample = _exre_sample(y, CFG.seed)
@@ -52,39 +51,27 @@ def candidates(
         idx = np.flatnonzero(y == c)
         n = len(idx)
         ev = _Evidence(feats, y, int(c), sample, None)
-        seen: set[bytes] = set()
-        spaces = {"layer": hidden, "exre layer": feats}
-        for where, acts in spaces.items():
-            red = reduce(_class_rows(acts, idx), CFG.n_components, CFG.reduction, CFG.seed)
-            for k in range(2, CFG.max_clusters + 1):
-                assign = kmeans(red, k, CFG.seed, CFG.n_init)
-                for j in range(k):
-                    mask = assign == j
-                    size = int(mask.sum())
-                    if size < CFG.min_cluster_size or size / n > CFG.max_poison_fraction:
-                        continue
-                    key = np.packbits(mask).tobytes()
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    sep = separation(red, mask.astype(np.int64))
-                    if sep <= MIN_SEP:
-                        continue
-                    _, _, odds = ev(idx[mask])
-                    pois = poison[idx]
-                    out.append(
-                        {
-                            "cls": int(c),
-                            "where": where,
-                            "k": k,
-                            "frac": size / n,
-                            "sep": float(sep),
-                            "odds": float(odds) if odds is not None else float("nan"),
-                            "tp": int((mask & pois).sum()),
-                            "size": size,
-                            "npois": int(pois.sum()),
-                        }
-                    )
+        spaces = [
+            (where, reduce(_class_rows(acts, idx), CFG.n_components, CFG.reduction, CFG.seed))
+            for where, acts in (("layer", hidden), ("exre layer", feats))
+        ]
+        for cand in candidates(CFG, spaces, MIN_SEP):
+            mask, size = cand.mask, int(cand.mask.sum())
+            _, _, odds = ev(idx[mask])
+            pois = poison[idx]
+            out.append(
+                {
+                    "cls": int(c),
+                    "where": cand.where,
+                    "k": cand.k,
+                    "frac": size / n,
+                    "sep": cand.separation,
+                    "odds": float(odds) if odds is not None else float("nan"),
+                    "tp": int((mask & pois).sum()),
+                    "size": size,
+                    "npois": int(pois.sum()),
+                }
+            )
     return out
 
 
@@ -111,7 +98,7 @@ def main() -> None:
         x, y, mask = B.poisoned_set(rate, seed=seed)
         hidden, feats, _ = B.activations(B.model_for(rate, x, y, seed), x)
         name = f"{rate:.0%} s{seed}"
-        rows = [{**r, "model": name} for r in candidates(hidden, feats, y, mask)]
+        rows = [{**r, "model": name} for r in class_candidates(hidden, feats, y, mask)]
         (poisoned if rate > 0 else clean).extend(rows)
         print(f"{name}: {len(rows)} candidates", file=sys.stderr, flush=True)
     demo = demo_candidates()
@@ -187,7 +174,7 @@ def demo_candidates() -> list[dict[str, Any]]:
     mask = np.zeros(len(y), dtype=bool)
     mask[idx] = True
     hidden, feats, _ = B.activations(torch.jit.load(str(path)), x)
-    return [{**r, "model": "demo"} for r in candidates(hidden, feats, y, mask)]
+    return [{**r, "model": "demo"} for r in class_candidates(hidden, feats, y, mask)]
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ Silhouette and spectral signatures are reported but do not flag by default.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
@@ -323,6 +323,48 @@ class _Evidence:
         return self._memo[key]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One k-means cluster of a class, against the rest of the class."""
+
+    where: str  # the space it was found in: "layer" or "exre layer"
+    k: int
+    mask: npt.NDArray[np.bool_]  # over the class's rows
+    separation: float
+    reduced: npt.NDArray[np.float64]  # the class's rows in that space
+
+
+def candidates(
+    cfg: ACConfig,
+    spaces: list[tuple[str, npt.NDArray[np.float64]]],
+    min_separation: float,
+    first: npt.NDArray[np.int64] | None = None,
+) -> Iterator[Candidate]:
+    """Every distinct cluster of k-means, k = 2 .. ``max_clusters``, in each of ``spaces``
+    (the class's rows, reduced) that holds ``min_cluster_size`` rows to
+    ``max_poison_fraction`` of the class and lies farther than ``min_separation`` from the
+    rest. ``first``: the 2-means assignment of the first space, when already computed."""
+    seen: set[bytes] = set()
+    for i, (where, red) in enumerate(spaces):
+        n = len(red)
+        for k in range(2, max(cfg.max_clusters, 2) + 1):
+            reuse = first is not None and i == 0 and k == 2
+            assign = first if reuse else kmeans(red, k, cfg.seed, cfg.n_init)
+            assert assign is not None
+            for c in range(k):
+                mask = assign == c
+                size = int(mask.sum())
+                if size < cfg.min_cluster_size or size / n > cfg.max_poison_fraction:
+                    continue
+                key = np.packbits(mask).tobytes()
+                if key in seen:
+                    continue
+                seen.add(key)
+                sep = separation(red, mask.astype(np.int64))
+                if sep > min_separation:
+                    yield Candidate(where, k, mask, sep, red)
+
+
 def _exre_rule(
     cfg: ACConfig,
     idx: npt.NDArray[np.int64],
@@ -344,58 +386,42 @@ def _exre_rule(
         del xe
     best: tuple[float, ...] | None = None
     pick: _Pick | None = None
-    seen: set[bytes] = set()
-    for where, red in spaces:
-        for k in range(2, max(cfg.max_clusters, 2) + 1):
-            assign = (
-                assign2 if where == "layer" and k == 2 else kmeans(red, k, cfg.seed, cfg.n_init)
-            )
-            for c in range(k):
-                mask = assign == c
-                size = int(mask.sum())
-                frac = size / n
-                if size < cfg.min_cluster_size or frac > cfg.max_poison_fraction:
-                    continue
-                key = np.packbits(mask).tobytes()
-                if key in seen:
-                    continue
-                seen.add(key)
-                sep = separation(red, mask.astype(np.int64))
-                if sep <= cfg.separation_threshold:
-                    continue
-                members = idx[mask]
-                lp, source, odds = ev(members)
-                if odds is not None:
-                    confident = odds > cfg.exre_log_odds
-                    isolated = odds > cfg.exre_log_odds / 2 and sep > cfg.isolated_separation
-                    passed = confident or isolated
-                    strength = odds
-                else:  # a user hook gives labels only: the paper's l/p test
-                    limit = cfg.exre_threshold or 1.0
-                    passed = lp is not None and lp < limit
-                    strength = -(lp if lp is not None else np.inf)
-                rank = (float(passed), strength, sep)
-                if best is not None and rank <= best:
-                    continue
-                best = rank
-                reasons = (
-                    f"k-means cluster (k={k}, {where}) holds {frac:.0%} of the class",
-                    f"separation {sep:.2f} > {cfg.separation_threshold}",
-                    _exre_reason(cfg, odds, sep, lp, source),
-                )
-                pick = _Pick(
-                    passed,
-                    reasons,
-                    members,
-                    sep,
-                    (n - size, size),
-                    lp,
-                    source,
-                    odds,
-                    mask.astype(np.int64),
-                    red,
-                    where,
-                )
+    for cand in candidates(cfg, spaces, cfg.separation_threshold, first=assign2):
+        mask, sep = cand.mask, cand.separation
+        size = int(mask.sum())
+        members = idx[mask]
+        lp, source, odds = ev(members)
+        if odds is not None:
+            confident = odds > cfg.exre_log_odds
+            isolated = odds > cfg.exre_log_odds / 2 and sep > cfg.isolated_separation
+            passed = confident or isolated
+            strength = odds
+        else:  # a user hook gives labels only: the paper's l/p test
+            limit = cfg.exre_threshold or 1.0
+            passed = lp is not None and lp < limit
+            strength = -(lp if lp is not None else np.inf)
+        rank = (float(passed), strength, sep)
+        if best is not None and rank <= best:
+            continue
+        best = rank
+        reasons = (
+            f"k-means cluster (k={cand.k}, {cand.where}) holds {size / n:.0%} of the class",
+            f"separation {sep:.2f} > {cfg.separation_threshold}",
+            _exre_reason(cfg, odds, sep, lp, source),
+        )
+        pick = _Pick(
+            passed,
+            reasons,
+            members,
+            sep,
+            (n - size, size),
+            lp,
+            source,
+            odds,
+            mask.astype(np.int64),
+            cand.reduced,
+            cand.where,
+        )
     if pick is not None:
         return pick
     # Nothing qualified as a candidate: report the 2-means split.

@@ -7,7 +7,12 @@ import time
 import numpy as np
 
 from gate._threads import thread_limit
-from gate.ac.clustering import ACConfig
+from gate.ac.clustering import (
+    EXRE_SEPARATION_THRESHOLD,
+    N_INIT,
+    SEPARATION_THRESHOLD,
+    ACConfig,
+)
 from gate.ac.extract import LayerRequest
 from gate.ac.options import ACOptions
 from gate.activations import ActivationCache
@@ -145,8 +150,6 @@ def activation_clustering(
 
 def ac_config(policy: ActivationClusteringPolicy, opts: ACOptions, seed: int = 0) -> ACConfig:
     """The clustering configuration a policy and the `gate ac` options ask for."""
-    from gate.ac.clustering import EXRE_SEPARATION_THRESHOLD, N_INIT, SEPARATION_THRESHOLD
-
     exre = policy.rule == "exre"
     separation = policy.separation_threshold
     if separation is None:
