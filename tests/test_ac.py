@@ -118,6 +118,31 @@ def test_poison_found_on_poisoned_digits_model(poisoned: dict[str, Any], tmp_pat
     assert "Separation" in md.stdout and "ExRe" in md.stdout
 
 
+def test_findings_do_not_depend_on_where_classes_sit_in_the_file(
+    poisoned: dict[str, Any], tmp_path: Path
+) -> None:
+    # gate extracts in label order and maps rows back; data already sorted by label (no
+    # reordering) must give the same findings, row for row.
+    with np.load(poisoned["data"]) as d:
+        x, y = d["x"], d["y"]
+    order = np.argsort(y, kind="stable")
+    np.savez(tmp_path / "sorted.npz", x=x[order], y=y[order])
+    found = {}
+    for name, data in (("shuffled", poisoned["data"]), ("sorted", tmp_path / "sorted.npz")):
+        run_gate(
+            "ac", str(poisoned["model"]), "--data", str(data),
+            "--report-dir", str(tmp_path / name), "--format", "json", "--quiet", env=ENV,
+        )  # fmt: skip
+        classes = json.loads((tmp_path / name / "report.json").read_text())[
+            "activation_clustering"
+        ]["classes"]
+        found[name] = {c["label"]: c["suspicious_indices"] for c in classes if c["flagged"]}
+    assert found["sorted"] and found["sorted"].keys() == found["shuffled"].keys()
+    for label, rows in found["shuffled"].items():
+        assert rows == sorted(rows)
+        assert sorted(order[found["sorted"][label]].tolist()) == rows
+
+
 def test_clean_model_on_clean_data_flags_nothing(clean: dict[str, Any], tmp_path: Path) -> None:
     proc = run_gate(
         "ac", str(clean["model"]), "--data", str(clean["data"]),

@@ -30,6 +30,9 @@ def test_gathers_equal_memmap_indexing(matrix: tuple[Path, np.ndarray]) -> None:
         np.arange(50)[::-3],
         np.array([], dtype=np.int64),
         a[:, 0] > 0,
+        np.arange(10, 31),  # a run of consecutive rows: read in one go, not gathered
+        np.arange(49, 50),
+        np.array([-3, -2, -1]),
     ):
         got = r[key]
         assert type(got) is np.ndarray
@@ -59,3 +62,19 @@ def test_tofile_copies_the_file_and_npy_hits_become_rowfiles(
     assert isinstance(hit, RowFile)
     np.testing.assert_array_equal(hit[np.array([4, 2, 40])], a[[4, 2, 40]])
     np.testing.assert_array_equal(np.asarray(hit), a)
+
+
+def test_a_run_of_rows_reads_from_the_offset_and_fails_on_a_short_file(
+    matrix: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    _, a = matrix
+    npy = tmp_path / "acts.npy"
+    np.save(npy, a)
+    hit = rows_of(np.load(npy, mmap_mode="r"))  # data after the .npy header
+    np.testing.assert_array_equal(hit[np.arange(7, 40)], a[7:40])
+    short = tmp_path / "short.f32"
+    a[:45].tofile(short)
+    r = open_rows(short, (45, 7))
+    r._rows_at = (str(short), 4 * 7 * 4)  # rows 41-44 now lie past the end of the file
+    with pytest.raises(OSError, match="shorter"):
+        r[np.arange(40, 45)]

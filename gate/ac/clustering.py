@@ -46,6 +46,8 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from gate.ac import numeric
+
 _F = TypeVar("_F", bound=np.generic)
 Reduction = Literal["ica", "pca"]
 Detector = Literal["ac", "spectral", "either"]
@@ -190,8 +192,6 @@ def _one_class(
     hook: ExreHook | None,
     exre_layer: npt.NDArray[np.float32] | None = None,
 ) -> ClassClustering:
-    from sklearn.metrics import silhouette_score
-
     idx = np.flatnonzero(labels == label)
     n = len(idx)
     k = cfg.n_components
@@ -215,11 +215,7 @@ def _one_class(
         return ClassClustering(
             label, n, 0.0, False, (), tuple(int(s) for s in sizes), spectral=spectral
         )
-    sil = float(
-        silhouette_score(
-            reduced, assign, sample_size=min(n, SILHOUETTE_SAMPLE), random_state=cfg.seed
-        )
-    )
+    sil = numeric.silhouette(reduced, assign, min(n, SILHOUETTE_SAMPLE), cfg.seed)
     ev = _Evidence(space, labels, label, exre_sample, hook)
     if cfg.rule == "exre":
         pick = _exre_rule(cfg, idx, reduced, assign, exre_layer, ev)
@@ -271,7 +267,8 @@ def _class_rows(
     x = np.asarray(acts[idx], dtype=np.float32).reshape(len(idx), -1)
     fit = _fit_rows(x, seed)
     varying = (fit.max(axis=0) - fit.min(axis=0)) > 1e-6
-    return x if varying.all() else x[:, varying]
+    # Integer columns: np.take is ~7x faster than a boolean column mask on a wide class.
+    return x if varying.all() else np.take(x, np.flatnonzero(varying), axis=1)
 
 
 @dataclass(frozen=True)
@@ -536,26 +533,24 @@ def _reduce(
 ) -> tuple[npt.NDArray[np.float64], _TopDirection | None]:
     """:func:`reduce`, and with PCA the top principal direction and the ratio of the first
     two variances (what spectral signatures need, without a second eigendecomposition)."""
-    from sklearn.decomposition import PCA, FastICA
-
     fit_rows = _fit_rows(x, seed)
-    model: PCA | FastICA
     if how == "pca":
-        model = PCA(n_components=comps, random_state=seed)
-        model.fit(fit_rows)
+        pca = numeric.fit_pca(fit_rows, comps, seed)
+        transform: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]] = pca.transform
+        var = pca.explained_variance
+        ratio = float(var[0] / max(var[1], 1e-12)) if len(var) > 1 else 0.0
+        top: _TopDirection | None = _TopDirection(pca.components[0], ratio)
     else:
-        model = FastICA(n_components=comps, random_state=seed, whiten="unit-variance", max_iter=500)
+        from sklearn.decomposition import FastICA
+
+        ica = FastICA(n_components=comps, random_state=seed, whiten="unit-variance", max_iter=500)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence chatter; the result is still used
-            model.fit(fit_rows)
+            ica.fit(fit_rows)
+        transform, top = ica.transform, None
     out = np.empty((len(x), comps), dtype=np.float64)
     for s in range(0, len(x), CHUNK):
-        out[s : s + CHUNK] = model.transform(x[s : s + CHUNK])
-    top = None
-    if isinstance(model, PCA):
-        var = model.explained_variance_
-        ratio = float(var[0] / max(var[1], 1e-12)) if len(var) > 1 else 0.0
-        top = _TopDirection(np.asarray(model.components_[0], dtype=np.float64), ratio)
+        out[s : s + CHUNK] = transform(x[s : s + CHUNK])
     return out, top
 
 
@@ -572,14 +567,12 @@ def kmeans(
 ) -> npt.NDArray[np.int64]:
     """Seeded k-means (``n_init`` k-means++ restarts) fitted on :func:`_fit_rows`; every
     row is assigned to its nearest centre."""
-    from sklearn.cluster import KMeans
-
-    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(_fit_rows(z, seed))
+    centres, labels = numeric.kmeans_fit(_fit_rows(z, seed), k, seed, n_init)
     if len(z) <= FIT_SUBSAMPLE:
-        return np.asarray(model.labels_, dtype=np.int64)
+        return labels
     out = np.empty(len(z), dtype=np.int64)
     for s in range(0, len(z), CHUNK):
-        out[s : s + CHUNK] = model.predict(z[s : s + CHUNK])
+        out[s : s + CHUNK] = numeric.kmeans_predict(z[s : s + CHUNK], centres)
     return out
 
 
@@ -721,12 +714,5 @@ def _linear_proba(
     x_test: npt.NDArray[np.float32],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """(classes, class probabilities of ``x_test``) from a standardised logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(x_train)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clf = LogisticRegression(max_iter=300, C=1.0).fit(scaler.transform(x_train), y_train)
-    proba = clf.predict_proba(scaler.transform(x_test))
-    return np.asarray(clf.classes_, dtype=np.int64), np.asarray(proba, dtype=np.float64)
+    train, test = numeric.standardize(x_train, x_test)
+    return numeric.logistic_proba(train, y_train, test)

@@ -67,6 +67,10 @@ class RowFile(np.memmap):
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         flat = out.reshape(len(rows), int(np.prod(self.shape[1:], dtype=np.int64)))
         row_bytes = flat.shape[1] * self.itemsize
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            # A run of consecutive rows (one class of class-ordered activations): one read.
+            self._read(at[0], at[1] + int(rows[0]) * row_bytes, flat)
+            return out
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         per = max(1, WINDOW // max(row_bytes, 1))
@@ -87,6 +91,18 @@ class RowFile(np.memmap):
             flat[order[s:e]] = part[srt[s:e] - first]
             del part  # unmapped before the next window
         return out
+
+    @staticmethod
+    def _read(path: str, offset: int, into: npt.NDArray[Any]) -> None:
+        view = into.data.cast("B")
+        with open(path, "rb") as src:
+            src.seek(offset)
+            done = 0
+            while done < len(view):
+                got = src.readinto(view[done:])
+                if not got:
+                    raise OSError(f"{path}: shorter than its {into.shape} rows")
+                done += got
 
     def tofile(self, fid: Any, sep: str = "", format: str = "%s") -> None:
         at = self._rows_at
@@ -159,10 +175,12 @@ def stream_layers(
     batch_size: int = BATCH,
     progress: str | None = None,
     quiet: bool = True,
+    order: npt.NDArray[np.int64] | None = None,
 ) -> list[Streamed]:
     """Forward ``x`` once in bounded batches (:func:`gate.activations.forward_batches`); each
     batch's activations of every requested layer are written straight to a file per layer,
-    read back as a :class:`RowFile`.
+    read back as a :class:`RowFile`. With ``order``, row ``i`` of the files (and of the
+    predictions) is sample ``order[i]``.
 
     The caller owns the files (put them in a temporary ``directory`` that it removes). With
     ``progress`` (a label) and enough batches, progress goes to stderr unless ``quiet``.
@@ -182,7 +200,8 @@ def stream_layers(
     # resident memory until it is unmapped, i.e. the whole matrix at the end of extraction.
     with ExitStack() as stack:
         files = [stack.enter_context(open(p, "wb")) for p in paths]
-        for start, res in forward_batches(model, x, names, batch_size, None, progress, quiet):
+        batches = forward_batches(model, x, names, batch_size, None, progress, quiet, order)
+        for start, res in batches:
             for i, (req, fh) in enumerate(zip(requests, files, strict=True)):
                 a = req.rows(np.asarray(res.activations[req.name]))
                 if widths[i] is None:
@@ -234,14 +253,18 @@ def cached_activations(
     input_hash: str | None = None,
     progress: str | None = None,
     quiet: bool = True,
+    order: npt.NDArray[np.int64] | None = None,
 ) -> list[Streamed]:
     """:func:`stream_layers` through ``cache``: keyed by the model's sha256, the data's hash,
-    the layer and the pooling. Hits are memory-mapped, not read into memory; the misses are
-    streamed together in one pass."""
+    the layer, the pooling and ``order``. Hits are memory-mapped, not read into memory; the
+    misses are streamed together in one pass."""
     if cache is None:
-        return stream_layers(model, x, requests, directory, BATCH, progress, quiet)
+        return stream_layers(model, x, requests, directory, BATCH, progress, quiet, order)
     digest = input_hash or input_digest(x)
-    keys = [cache.key(model.sha256, digest, (r.name, r.cache_tag)) for r in requests]
+    tags: tuple[str, ...] = ()
+    if order is not None:
+        tags = ("order-" + hashlib.sha256(np.asarray(order, np.int64).tobytes()).hexdigest(),)
+    keys = [cache.key(model.sha256, digest, (r.name, r.cache_tag, *tags)) for r in requests]
     out: list[Streamed | None] = []
     for key, req in zip(keys, requests, strict=True):
         hit = cache.get(key, len(x), [req.name])
@@ -253,7 +276,7 @@ def cached_activations(
     missing = [i for i, s in enumerate(out) if s is None]
     if missing:
         todo = [requests[i] for i in missing]
-        fresh = stream_layers(model, x, todo, directory, BATCH, progress, quiet)
+        fresh = stream_layers(model, x, todo, directory, BATCH, progress, quiet, order)
         for i, streamed in zip(missing, fresh, strict=True):
             # The entry's "outputs" hold the predicted class (a float32 column), all AC needs.
             outputs = streamed.predictions.astype(np.float32)[:, None]

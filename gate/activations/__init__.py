@@ -33,8 +33,11 @@ def forward_batches(
     memory: int | None = None,
     progress: str | None = None,
     quiet: bool = True,
+    order: np.ndarray | None = None,
 ) -> Iterator[tuple[int, ForwardResult]]:
-    """Forward ``x`` in batches, yielding ``(first row, result)``.
+    """Forward ``x`` in batches, yielding ``(first row, result)``; with ``order`` (a
+    permutation of the rows) the rows ``x[order]`` in that order, one batch gathered at a
+    time, and ``first row`` counts positions in ``order``.
 
     The first few rows run alone to measure what one row's outputs and activations take;
     later batches hold at most ``memory`` bytes of them (and at most ``batch_size`` rows),
@@ -45,8 +48,12 @@ def forward_batches(
     from gate.progress import Progress
 
     n = len(x)
+
+    def rows(start: int, stop: int) -> Array:
+        return x[start:stop] if order is None else x[order[start:stop]]
+
     first = min(_MEASURE_ROWS, batch_size, n)
-    res = model.forward(x[:first], layers)
+    res = model.forward(rows(0, first), layers)
     row_bytes = (
         np.asarray(res.outputs).nbytes + sum(np.asarray(a).nbytes for a in res.activations.values())
     ) / max(first, 1)
@@ -58,7 +65,7 @@ def forward_batches(
         yield 0, res
         bar.update()
         for start in range(first, n, size):
-            yield start, model.forward(x[start : start + size], layers)
+            yield start, model.forward(rows(start, start + size), layers)
             bar.update()
 
 
