@@ -31,9 +31,9 @@ import bench_ac as B
 
 from gate.ac.clustering import (
     ACConfig,
+    ExreTraining,
     _class_rows,
     _Evidence,
-    _exre_sample,
     candidates,
     reduce,
 )
@@ -45,12 +45,12 @@ MIN_SEP = 2.9  # below this a candidate is a cut through one blob; no ExRe is co
 def class_candidates(
     hidden: np.ndarray, feats: np.ndarray, y: np.ndarray, poison: np.ndarray
 ) -> list[dict[str, Any]]:
-    sample = _exre_sample(y, CFG.seed)
+    training = ExreTraining(feats, y, CFG.seed)
     out = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         n = len(idx)
-        ev = _Evidence(feats, y, int(c), sample, None)
+        ev = _Evidence(training, int(c), None)
         spaces = [
             (where, reduce(_class_rows(acts, idx), CFG.n_components, CFG.reduction, CFG.seed))
             for where, acts in (("layer", hidden), ("exre layer", feats))

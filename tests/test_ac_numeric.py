@@ -79,8 +79,7 @@ def test_silhouette_matches_sklearn() -> None:
 def test_logistic_regression_matches_sklearn() -> None:
     x, y = _digits()
     train, test = x[::2], x[1::2]
-    ours_train, ours_test = numeric.standardize(train, test)
-    classes, proba = numeric.logistic_proba(ours_train, y[::2], ours_test)
+    classes, proba = numeric.logistic_proba(train, y[::2], test)
     scaler = StandardScaler().fit(train)
     clf = LogisticRegression(max_iter=300, C=1.0).fit(scaler.transform(train), y[::2])
     theirs = clf.predict_proba(scaler.transform(test))

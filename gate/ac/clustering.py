@@ -38,6 +38,7 @@ Silhouette and spectral signatures are reported but do not flag by default.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -162,20 +163,24 @@ def cluster_classes(
     classes: list[int] | None = None,
     exre_x: npt.NDArray[np.float32] | None = None,
     exre_hook: ExreHook | None = None,
+    on_class: Callable[[ClassClustering], None] | None = None,
 ) -> list[ClassClustering]:
     """Cluster each class's activations; ``suspicious_indices`` are rows of the data.
 
     ``exre_x`` is the ExRe layer: the space the fast ExRe classifier works in (default:
     ``activations``) and, with rule ``"exre"``, a second space to look for clusters in.
     ``exre_hook`` replaces the linear classifier with the user's own retraining (full ExRe).
+    ``on_class`` is called with each class's result as it is done (progress).
     """
     present = sorted(int(c) for c in np.unique(labels))
     wanted = present if classes is None else classes
-    space = activations if exre_x is None else exre_x
-    sample = _exre_sample(labels, config.seed)
-    return [
-        _one_class(activations, labels, c, config, space, sample, exre_hook, exre_x) for c in wanted
-    ]
+    training = ExreTraining(activations if exre_x is None else exre_x, labels, config.seed)
+    out = []
+    for c in wanted:
+        out.append(_one_class(activations, labels, c, config, training, exre_hook, exre_x))
+        if on_class is not None:
+            on_class(out[-1])
+    return out
 
 
 def _skip(label: int, n: int, why: str) -> ClassClustering:
@@ -187,8 +192,7 @@ def _one_class(
     labels: npt.NDArray[np.int64],
     label: int,
     cfg: ACConfig,
-    space: npt.NDArray[np.float32],
-    exre_sample: npt.NDArray[np.int64],
+    training: ExreTraining,
     hook: ExreHook | None,
     exre_layer: npt.NDArray[np.float32] | None = None,
 ) -> ClassClustering:
@@ -203,20 +207,20 @@ def _one_class(
             n,
             f"too small to cluster ({n} samples; need at least {2 * k + 2} for {k} components)",
         )
-    x = _class_rows(acts, idx, cfg.seed)
-    if x.shape[1] < 2:
+    rows = _class_rows(acts, idx, cfg.seed)
+    if rows.width < 2:
         return _skip(label, n, "activations are constant")
-    reduced, top = _reduce(x, min(k, x.shape[1], n - 1), cfg.reduction, cfg.seed)
+    reduced, top = _reduce(rows, min(k, rows.width, n - 1), cfg.reduction, cfg.seed)
     assign = kmeans(reduced, 2, cfg.seed, cfg.n_init)
     sizes = np.bincount(assign, minlength=2)
-    spectral = _spectral(x, idx, cfg, top)
-    del x
+    spectral = _spectral(rows.x, idx, cfg, top)
+    del rows
     if sizes.min() == 0:
         return ClassClustering(
             label, n, 0.0, False, (), tuple(int(s) for s in sizes), spectral=spectral
         )
     sil = numeric.silhouette(reduced, assign, min(n, SILHOUETTE_SAMPLE), cfg.seed)
-    ev = _Evidence(space, labels, label, exre_sample, hook)
+    ev = _Evidence(training, label, hook)
     if cfg.rule == "exre":
         pick = _exre_rule(cfg, idx, reduced, assign, exre_layer, ev)
     else:
@@ -258,17 +262,41 @@ def _one_class(
     )
 
 
+@dataclass(frozen=True)
+class ClassRows:
+    """A class's rows (flattened) and the columns that vary on the rows the reduction is
+    fitted on (:func:`_fit_rows`; None: all of them). Constant columns get no weight in the
+    reduction anyway, so they are skipped where it is fitted and applied instead of copying
+    the class without them (a copy the size of the class, ~50 ms per class at 200k)."""
+
+    x: npt.NDArray[np.float32]
+    columns: npt.NDArray[np.int64] | None
+
+    @property
+    def width(self) -> int:
+        return self.x.shape[1] if self.columns is None else len(self.columns)
+
+    def varying(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``x`` (some of the rows) without the constant columns."""
+        return x if self.columns is None else np.take(x, self.columns, axis=1)
+
+    def full_width(self, v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """A direction over the varying columns as one over all columns (0 elsewhere)."""
+        if self.columns is None:
+            return v
+        out = np.zeros(self.x.shape[1])
+        out[self.columns] = v
+        return out
+
+
 def _class_rows(
     acts: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], seed: int = 0
-) -> npt.NDArray[np.float32]:
-    """The class's rows, flattened, without the columns that are constant on the rows the
-    reduction is fitted on (:func:`_fit_rows`): those get no weight in it anyway, so the
-    check reads the sample, not the whole class. One copy of the class."""
+) -> ClassRows:
+    """The class's rows, one copy, and which columns vary on the fit sample."""
     x = np.asarray(acts[idx], dtype=np.float32).reshape(len(idx), -1)
     fit = _fit_rows(x, seed)
     varying = (fit.max(axis=0) - fit.min(axis=0)) > 1e-6
-    # Integer columns: np.take is ~7x faster than a boolean column mask on a wide class.
-    return x if varying.all() else np.take(x, np.flatnonzero(varying), axis=1)
+    return ClassRows(x, None if varying.all() else np.flatnonzero(varying))
 
 
 @dataclass(frozen=True)
@@ -288,24 +316,32 @@ class _Pick:
     found_in: str | None = None
 
 
+class ExreTraining:
+    """The rows the fast ExRe classifier trains on (:func:`_exre_sample`), read from the ExRe
+    layer once and shared by every class and candidate (each leaves its own members out)."""
+
+    def __init__(
+        self, space: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: int
+    ) -> None:
+        self.space, self.labels = space, labels
+        self.rows = _exre_sample(labels, seed)
+        self._x: npt.NDArray[np.float32] | None = None
+
+    def without(
+        self, members: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """(rows, their activations) of the training rows that are not ``members``."""
+        if self._x is None:
+            self._x = _flat(self.space, self.rows)
+        keep = ~np.isin(self.rows, members, assume_unique=True)
+        return self.rows[keep], self._x[keep]
+
+
 class _Evidence:
     """Fast ExRe for one class, memoised per candidate member set."""
 
-    def __init__(
-        self,
-        space: npt.NDArray[np.float32],
-        labels: npt.NDArray[np.int64],
-        label: int,
-        sample: npt.NDArray[np.int64],
-        hook: ExreHook | None,
-    ) -> None:
-        self.space, self.labels, self.label, self.sample, self.hook = (
-            space,
-            labels,
-            label,
-            sample,
-            hook,
-        )
+    def __init__(self, training: ExreTraining, label: int, hook: ExreHook | None) -> None:
+        self.training, self.label, self.hook = training, label, hook
         self._memo: dict[bytes, tuple[float | None, int | None, float | None]] = {}
 
     def __call__(
@@ -314,9 +350,7 @@ class _Evidence:
         """(l/p, suspected source, log-odds); log-odds is None with a hook."""
         key = np.ascontiguousarray(members).tobytes()
         if key not in self._memo:
-            self._memo[key] = _exre(
-                self.space, self.labels, self.label, members, self.sample, self.hook
-            )
+            self._memo[key] = _exre(self.training, self.label, members, self.hook)
         return self._memo[key]
 
 
@@ -377,8 +411,8 @@ def _exre_rule(
     spaces: list[tuple[str, npt.NDArray[np.float64]]] = [("layer", reduced)]
     if exre_layer is not None and cfg.search_exre_layer:
         xe = _class_rows(exre_layer, idx, cfg.seed)
-        if xe.shape[1] >= 2:
-            comps = min(cfg.n_components, xe.shape[1], n - 1)
+        if xe.width >= 2:
+            comps = min(cfg.n_components, xe.width, n - 1)
             spaces.append(("exre layer", reduce(xe, comps, cfg.reduction, cfg.seed)))
         del xe
     best: tuple[float, ...] | None = None
@@ -521,25 +555,26 @@ def _ac_rule(
     return ok, tuple(reasons)
 
 
-def reduce(
-    x: npt.NDArray[np.float32], comps: int, how: Reduction, seed: int
-) -> npt.NDArray[np.float64]:
-    """Fit ICA/PCA on a seeded subsample; transform every row in chunks."""
-    return _reduce(x, comps, how, seed)[0]
+def reduce(rows: ClassRows, comps: int, how: Reduction, seed: int) -> npt.NDArray[np.float64]:
+    """Fit ICA/PCA on a seeded subsample of the varying columns; transform every row in
+    chunks."""
+    return _reduce(rows, comps, how, seed)[0]
 
 
 def _reduce(
-    x: npt.NDArray[np.float32], comps: int, how: Reduction, seed: int
+    rows: ClassRows, comps: int, how: Reduction, seed: int
 ) -> tuple[npt.NDArray[np.float64], _TopDirection | None]:
-    """:func:`reduce`, and with PCA the top principal direction and the ratio of the first
-    two variances (what spectral signatures need, without a second eigendecomposition)."""
-    fit_rows = _fit_rows(x, seed)
+    """:func:`reduce`, and with PCA the top principal direction (over all columns) and the
+    ratio of the first two variances (what spectral signatures need, without a second
+    eigendecomposition)."""
+    x = rows.x
+    fit_rows = rows.varying(_fit_rows(x, seed))
     if how == "pca":
         pca = numeric.fit_pca(fit_rows, comps, seed)
         transform: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]] = pca.transform
         var = pca.explained_variance
         ratio = float(var[0] / max(var[1], 1e-12)) if len(var) > 1 else 0.0
-        top: _TopDirection | None = _TopDirection(pca.components[0], ratio)
+        top: _TopDirection | None = _TopDirection(rows.full_width(pca.components[0]), ratio)
     else:
         from sklearn.decomposition import FastICA
 
@@ -550,7 +585,7 @@ def _reduce(
         transform, top = ica.transform, None
     out = np.empty((len(x), comps), dtype=np.float64)
     for s in range(0, len(x), CHUNK):
-        out[s : s + CHUNK] = transform(x[s : s + CHUNK])
+        out[s : s + CHUNK] = transform(rows.varying(x[s : s + CHUNK]))
     return out, top
 
 
@@ -558,8 +593,16 @@ def _fit_rows(x: npt.NDArray[_F], seed: int) -> npt.NDArray[_F]:
     """All of ``x``, or a seeded subsample of :data:`FIT_SUBSAMPLE` rows (in row order)."""
     if len(x) <= FIT_SUBSAMPLE:
         return x
+    return x[_fit_index(len(x), seed)]
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_index(n: int, seed: int) -> npt.NDArray[np.int64]:
+    # The same rows for every space and k of a class: drawn once (70 calls at 200k).
     rng = np.random.default_rng(seed)
-    return x[np.sort(rng.choice(len(x), FIT_SUBSAMPLE, replace=False))]
+    index = np.sort(rng.choice(n, FIT_SUBSAMPLE, replace=False))
+    index.flags.writeable = False
+    return index
 
 
 def kmeans(
@@ -588,17 +631,30 @@ def plane(z: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
 
 
 def separation(z: npt.NDArray[np.floating], assign: npt.NDArray[np.integer]) -> float:
-    """Centroid distance over pooled within-cluster std, along the line joining the centroids."""
-    a, b = z[assign == 0], z[assign == 1]
-    if len(a) < 2 or len(b) < 2:
+    """Centroid distance over pooled within-cluster std, along the line joining the centroids
+    (``assign``: 0 or 1 per row)."""
+    # Sums through a 0/1 vector instead of copying each cluster's rows (called for every
+    # candidate on every row of a class).
+    in_b = (np.asarray(assign) == 1).astype(z.dtype)
+    nb = float(in_b.sum())
+    na = len(z) - nb
+    if na < 2 or nb < 2:
         return 0.0
-    d = b.mean(axis=0) - a.mean(axis=0)
+    total = z.sum(axis=0)
+    sum_b = in_b @ z
+    mean_a, mean_b = (total - sum_b) / na, sum_b / nb
+    d = mean_b - mean_a
     norm = float(np.linalg.norm(d))
     if norm == 0:
         return 0.0
     u = d / norm
-    pa, pb = a @ u, b @ u
-    within = (pa.var() * len(pa) + pb.var() * len(pb)) / (len(pa) + len(pb))
+    p = z @ u - float(mean_a @ u)  # centred on cluster a: no cancellation at large offsets
+    pb = p * in_b
+    s1b, s2b = float(pb.sum()), float(pb @ p)
+    s1a, s2a = float(p.sum()) - s1b, float(p @ p) - s2b
+    var_a = s2a / na - (s1a / na) ** 2
+    var_b = s2b / nb - (s1b / nb) ** 2
+    within = (var_a * na + var_b * nb) / (na + nb)
     return float(norm / np.sqrt(max(within, 1e-12)))
 
 
@@ -653,16 +709,15 @@ def _exre_sample(labels: npt.NDArray[np.int64], seed: int) -> npt.NDArray[np.int
 
 
 def _exre(
-    space: npt.NDArray[np.float32],
-    labels: npt.NDArray[np.int64],
+    training: ExreTraining,
     label: int,
     members: npt.NDArray[np.int64],
-    sample: npt.NDArray[np.int64],
     hook: ExreHook | None,
 ) -> tuple[float | None, int | None, float | None]:
-    """Exclusionary reclassification of ``members``: (l/p, the suspected source, log-odds).
+    """Exclusionary reclassification of ``members`` (sorted rows): (l/p, the suspected
+    source, log-odds).
 
-    The classifier is trained on ``sample`` without the members. ``l/p`` is the members'
+    The classifier is trained on ``training`` without the members. ``l/p`` is the members'
     votes for ``label`` over the votes for the most voted other class (the suspected
     source). The log-odds is the median over the members of ``log p(c) - log p(label)``,
     ``c`` being each member's most probable other class: above zero, most members are put
@@ -670,12 +725,12 @@ def _exre(
     only). Each member's own best class, not one common source, so poison gathered from many
     source classes into one target (all-to-one) counts as well.
     """
-    train = np.setdiff1d(sample, members, assume_unique=True)
+    labels = training.labels
+    train, x_train = training.without(members)
     y_train = labels[train]
     if len(np.unique(y_train)) < 2 or len(members) == 0:
         return None, None, None
-    x_train = _flat(space, train)
-    x_cluster = _flat(space, members)
+    x_cluster = _flat(training.space, members)
     odds: float | None = None
     if hook is not None:
         pred = np.asarray(hook(x_train, y_train, x_cluster)).astype(np.int64).ravel()
@@ -714,5 +769,4 @@ def _linear_proba(
     x_test: npt.NDArray[np.float32],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """(classes, class probabilities of ``x_test``) from a standardised logistic regression."""
-    train, test = numeric.standardize(x_train, x_test)
-    return numeric.logistic_proba(train, y_train, test)
+    return numeric.logistic_proba(x_train, y_train, x_test)

@@ -84,21 +84,19 @@ def activation_clustering(
         config = ac_config(policy, opts, seed)
         present = sorted(int(c) for c in np.unique(segments))
         wanted = opts.classes.pick(present) if opts.classes is not None else present
-        classes = []
         with (
             thread_limit(clustering_threads(opts.threads)),
             Progress(len(wanted), "clustering", unit="classes", quiet=opts.quiet) as bar,
         ):
-            for label in wanted:  # one class at a time, for the progress bar
-                classes += cluster_classes(
-                    streamed.activations,
-                    segments,
-                    config,
-                    classes=[label],
-                    exre_x=exre_x,
-                    exre_hook=opts.exre_hook,
-                )
-                bar.update()
+            classes = cluster_classes(
+                streamed.activations,
+                segments,
+                config,
+                classes=wanted,
+                exre_x=exre_x,
+                exre_hook=opts.exre_hook,
+                on_class=lambda _: bar.update(),
+            )
         del streamed, exre_x
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
