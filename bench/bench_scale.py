@@ -353,8 +353,8 @@ def render(gate: dict[int, dict], art: dict[int, dict], meta: dict[str, Any]) ->
         f"{'class ' + str(SOURCE) if SOURCES == 'one' else 'random other classes'}. One "
         "OpenMP/BLAS thread per child (`gate --threads 1`); wall time, CPU time (user + "
         "system) and peak RSS of the child (`/usr/bin/time`), medians; process start "
-        "included. Peak RSS includes the fixed cost of torch, scikit-learn and their "
-        "libraries (~350 MiB), which dominates the small sizes.\n"
+        "included. Peak RSS includes the fixed cost of torch, NumPy, SciPy and their "
+        "libraries (~300 MiB), which dominates the small sizes.\n"
     )
     out.append(
         "| samples | repeats | input MiB | activations MiB (N x 512 x 4) | `gate ac` wall s | "

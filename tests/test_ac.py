@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,25 @@ def test_findings_do_not_depend_on_where_classes_sit_in_the_file(
     for label, rows in found["shuffled"].items():
         assert rows == sorted(rows)
         assert sorted(order[found["sorted"][label]].tolist()) == rows
+
+
+def test_default_ac_path_does_not_import_scikit_learn(
+    poisoned: dict[str, Any], tmp_path: Path
+) -> None:
+    # Its import alone cost ~2 s per run (bench/bench_scale.py); gate.ac.numeric replaces it.
+    code = (
+        "import sys\n"
+        "from gate.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, sorted(m for m in ('sklearn', 'scipy.optimize') if m in sys.modules))\n"
+    )
+    args = [str(poisoned["model"]), "--data", str(poisoned["data"]), "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "ac", *args, "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, **ENV},
+    )  # fmt: skip
+    # Exit 1 (poison found): the ExRe classifier ran, through SciPy's optimiser.
+    assert proc.stdout.split("\n")[-2] == "1 ['scipy.optimize']", (proc.stdout, proc.stderr)
 
 
 def test_clean_model_on_clean_data_flags_nothing(clean: dict[str, Any], tmp_path: Path) -> None:
