@@ -75,14 +75,15 @@ SEPARATION_THRESHOLD = 5.5
 # evidence does the rest.
 EXRE_SEPARATION_THRESHOLD = 3.0
 # Rule "exre": median over a cluster of log p(best other class) - log p(l) under the held-out
-# classifier. Measured on digit CNNs and MLPs (bench/README.md): clusters of 79 clean models at
-# most 5.6 (a style of "1" that resembles "2"), flagged poison clusters mostly 8-26.
+# classifier. Measured on digit CNNs (bench/results/ac-margins.md): the k-means clusters of 16
+# clean models at most 4.42 (a style of "1"), the pure poison cluster of each of 90 poisoned
+# classes 10.5-26.
 EXRE_LOG_ODDS = 7.0
 # Rule "exre": a cluster this far from the rest of its class needs only half the ExRe
 # log-odds. Measured (bench/README.md): of the k-means clusters of 16 clean digit CNNs, none
 # had both separation > 6.6 and log-odds > 2.5 (max log-odds 4.4 at separation 5.6, max
-# separation 8.4 at log-odds 1.6); a planted cluster in a 512-wide MLP had log-odds 5.4 at
-# separation 9.5 (bench_scale.py), below EXRE_LOG_ODDS alone.
+# separation 8.4 at log-odds 1.6); a planted cluster in a 512-wide MLP had log-odds 4.96 at
+# separation 9.15 (bench_scale.py), below EXRE_LOG_ODDS alone.
 ISOLATED_SEPARATION = 7.0
 
 
@@ -741,7 +742,7 @@ def _exre(
                 f"--exre-hook returned {pred.shape[0]} labels for {len(members)} samples"
             )
     else:
-        classes, proba = _linear_proba(x_train, y_train, x_cluster)
+        classes, proba = numeric.logistic_proba(x_train, y_train, x_cluster)
         pred = classes[proba.argmax(axis=1)]
         if label in classes:
             own = int(np.searchsorted(classes, label))
@@ -761,12 +762,3 @@ def _exre(
 
 def _flat(space: npt.NDArray[np.float32], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
     return np.asarray(space[rows], dtype=np.float32).reshape(len(rows), -1)
-
-
-def _linear_proba(
-    x_train: npt.NDArray[np.float32],
-    y_train: npt.NDArray[np.int64],
-    x_test: npt.NDArray[np.float32],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """(classes, class probabilities of ``x_test``) from a standardised logistic regression."""
-    return numeric.logistic_proba(x_train, y_train, x_test)

@@ -106,9 +106,8 @@ def _assign(
 ) -> npt.NDArray[np.int64]:
     """Each column's nearest centre (first on ties), for each of several centre sets
     (``centres``: sets x k x features; ``xt``: the data transposed). ``work`` (at least sets
-    x k x rows) holds the distances: a fresh half-megabyte array per Lloyd iteration costs
-    more in page faults than the arithmetic. With a handful of centres a running minimum
-    beats ``argmin`` along a short axis."""
+    x k x rows) holds the distances, so Lloyd's iterations reuse one buffer. With a handful
+    of centres a running minimum is faster than ``argmin`` along a short axis."""
     m, k, _ = centres.shape
     dist = np.empty((m, k, xt.shape[1])) if work is None else work[:m]
     # One (sets * k) x rows product: a stack of small products is twice as slow.
@@ -150,9 +149,9 @@ def _kmeans_plusplus(x: F64, k: int, norms: F64, rng: np.random.RandomState) -> 
 
 def _lloyd(x: F64, starts: F64, tol: float) -> list[tuple[npt.NDArray[np.int64], float, F64]]:
     """(labels, inertia, centres) of Lloyd's algorithm from each of ``starts`` (sets x k x
-    features), iterated together: the per-iteration numpy calls, not the arithmetic on 4,000
-    rows, are what k-means costs here. Stops as scikit-learn does: labels unchanged, or the
-    centres moved less than ``tol`` (then the labels are recomputed)."""
+    features), iterated together (one set of numpy calls per iteration for all restarts).
+    Each stops as scikit-learn's does: labels unchanged, or the centres moved less than
+    ``tol`` (then the labels are recomputed)."""
     xt = np.ascontiguousarray(x.T)
     centres = starts.copy()
     old = np.full((len(starts), len(x)), -1, dtype=np.int64)
@@ -193,14 +192,14 @@ def _centres(x: F64, labels: npt.NDArray[np.int64], old: F64, work: F64 | None =
     counts = member.sum(axis=2)
     sums = (member.reshape(m * k, -1) @ x).reshape(m, k, -1)
     refilled: dict[int, int] = {}  # per centre set, empty clusters refilled so far
-    for m, cluster in zip(*np.nonzero(counts == 0), strict=True):
-        far = np.argsort(((x - old[m][labels[m]]) ** 2).sum(axis=1), kind="stable")[::-1]
-        taken = refilled.get(int(m), 0)
-        refilled[int(m)] = taken + 1
+    for one, cluster in zip(*np.nonzero(counts == 0), strict=True):
+        far = np.argsort(((x - old[one][labels[one]]) ** 2).sum(axis=1), kind="stable")[::-1]
+        taken = refilled.get(int(one), 0)
+        refilled[int(one)] = taken + 1
         row = far[taken]
-        sums[m, labels[m, row]] -= x[row]
-        counts[m, labels[m, row]] -= 1
-        sums[m, cluster], counts[m, cluster] = x[row], 1.0
+        sums[one, labels[one, row]] -= x[row]
+        counts[one, labels[one, row]] -= 1
+        sums[one, cluster], counts[one, cluster] = x[row], 1.0
     return np.asarray(sums / np.maximum(counts, 1.0)[:, :, None])
 
 
