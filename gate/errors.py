@@ -37,6 +37,10 @@ class MismatchError(BaselineError):
     """The candidate does not belong to the family the baseline was built for."""
 
 
+class SandboxError(GateError):
+    """The model's sandboxed process crashed, hit a limit, timed out or misbehaved."""
+
+
 class PolicyError(GateError):
     """A policy file is invalid (unknown key, wrong type, out-of-range value)."""
 

@@ -21,7 +21,7 @@ from gate.errors import ModelLoadError, UnsafeModelError
 from gate.models import hf, onnx_model, safety, statedict, torchscript
 from gate.models.base import ForwardResult, LayerInfo, LoadedModel
 
-__all__ = ["LOADERS", "ForwardResult", "LayerInfo", "LoadedModel", "load_model"]
+__all__ = ["LOADERS", "ForwardResult", "LayerInfo", "LoadedModel", "load_in_process", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,25 @@ _ARCH_HINT = (
 )
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Load ``path`` with the first loader that recognises its content; never unpickle code."""
+def load_model(path: str | Path, more: bool = False) -> LoadedModel:
+    """Load ``path`` in a sandboxed child process (gate.sandbox) and return its proxy.
+
+    A missing file is reported here, without starting a child for it. ``more``: another
+    model follows (its child starts now).
+    """
+    if not Path(path).exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    from gate.sandbox import open_model
+
+    return open_model(path, more=more)
+
+
+def load_in_process(path: str | Path) -> LoadedModel:
+    """Load ``path`` with the first loader that recognises its content; never unpickle code.
+
+    This runs the model in the calling process: gate calls it only inside the sandbox's
+    child (gate.sandbox.child). Tests and benches that train their own models may use it.
+    """
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"model file not found: {p}")
@@ -89,9 +106,9 @@ def _explain_unsupported(path: Path, head: bytes) -> ModelLoadError:
             with zipfile.ZipFile(path) as zf:
                 safety.check_zip_bounds(path, zf)
                 names = zf.namelist()
-                pickles = [n for n in names if n.endswith("data.pkl")]
-                if pickles:
-                    with zf.open(pickles[0]) as member:
+                pickle_member = safety.torch_record(path, zf, "data.pkl")  # what torch reads
+                if pickle_member is not None:
+                    with zf.open(pickle_member) as member:
                         return refuse_pickle(path, member, "a torch.save() checkpoint")
                 if names and all(n.endswith(".npy") for n in names):
                     return ModelLoadError(

@@ -1,0 +1,263 @@
+"""Red team for the sandbox: a model that runs is confined to its child process.
+
+Each model here gets past every static check on purpose (an ``--arch`` class is the
+user's own trusted code, and a TorchScript loop is an allowed op), so what stops it is the
+child's confinement: scrubbed environment, empty working directory, no file writes, no
+sockets or processes, captured output, memory and wall-clock limits, crash reporting.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_one_line_error, run_gate
+
+torch = pytest.importorskip("torch")
+
+# The user's --arch module: a tiny classifier whose forward tries to escape, then reports
+# what worked through the one channel gate relays, a one-line error message.
+ESCAPES = textwrap.dedent(
+    '''
+    import os, socket, subprocess, sys
+    import torch
+
+    def _attempt(fn):
+        try:
+            fn()
+            return "ok"
+        except Exception:
+            return "denied"
+
+    class Escape(torch.nn.Module):
+        def __init__(self, target="", mode="report"):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+            self.target = target
+            self.mode = mode
+
+        def forward(self, x):
+            if self.mode == "segv":
+                import ctypes
+                ctypes.string_at(0)
+            if self.mode == "hog":
+                torch.ones(64 * 2**30, dtype=torch.uint8).sum()
+            if self.mode == "spin":
+                while True:
+                    pass
+            print("::set-output name=verdict::pass")
+            print("::add-mask::x", file=sys.stderr)
+            os.write(1, b"\\n::error::injected by the model\\n")
+            def write():
+                with open(self.target, "w") as fh:
+                    fh.write("owned")
+            def from_file():
+                torch.from_file(self.target + ".mm", shared=True, size=16)
+            def sock():
+                s = socket.socket()
+                s.connect(("127.0.0.1", 9))
+            def run():
+                subprocess.run(["true"], check=True)
+            secrets = [k for k in os.environ if k.endswith("_TOKEN") or k.startswith("AWS")]
+            raise RuntimeError(
+                f"REPORT write={_attempt(write)} from_file={_attempt(from_file)} "
+                f"socket={_attempt(sock)} exec={_attempt(run)} "
+                f"secrets={','.join(secrets) or 'none'} "
+                f"home={os.environ.get('HOME') == os.getcwd()} "
+                f"cwd_files={len(os.listdir('.'))}"
+            )
+    '''
+)
+
+
+@pytest.fixture()
+def escape_model(tmp_path: Path) -> tuple[Path, Path]:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "redteam_escape.py").write_text(ESCAPES)
+    weights = tmp_path / "escape.pt"
+    torch.save({"fc.weight": torch.zeros(10, 64), "fc.bias": torch.zeros(10)}, weights)
+    return weights, code
+
+
+def _arch_run(
+    weights: Path, code: Path, target: Path, mode: str, *extra: str
+) -> tuple[object, float]:
+    env = {
+        "PYTHONPATH": str(code),
+        "GITHUB_TOKEN": "ghp_secret",
+        "CI_JOB_TOKEN": "glcbt-secret",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+    }
+    kwargs = f'{{"target": "{target}", "mode": "{mode}"}}'
+    started = time.monotonic()
+    proc = run_gate(
+        "inspect",
+        str(weights),
+        "--arch",
+        "redteam_escape:Escape",
+        "--arch-kwargs",
+        kwargs,
+        "--input-shape",
+        "1,8,8",
+        *extra,
+        env=env,
+        cwd=code,
+    )
+    return proc, time.monotonic() - started
+
+
+def test_model_cannot_write_connect_exec_or_see_secrets(
+    escape_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, code = escape_model
+    target = tmp_path / "outside" / "owned.txt"
+    target.parent.mkdir()
+    before = sorted(p.name for p in code.iterdir())
+    proc, _ = _arch_run(weights, code, target, "report")
+    assert_one_line_error(proc, "REPORT")
+    err = proc.stderr
+    assert "write=denied" in err and "from_file=denied" in err, err
+    assert "socket=denied" in err and "exec=denied" in err, err
+    assert "secrets=none" in err and "home=True" in err and "cwd_files=0" in err, err
+    assert not target.exists() and not Path(str(target) + ".mm").exists()
+    assert not list(target.parent.iterdir())
+    assert sorted(p.name for p in code.iterdir() if p.name != "__pycache__") == [
+        n for n in before if n != "__pycache__"
+    ]
+    # What the model printed never reaches gate's output (the CI log).
+    for stream in (proc.stdout, proc.stderr):
+        assert not [line for line in stream.splitlines() if line.lstrip().startswith("::")]
+        assert "injected by the model" not in stream
+
+
+def test_crash_by_signal_is_one_line_exit_2(
+    escape_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, code = escape_model
+    proc, _ = _arch_run(weights, code, tmp_path / "x", "segv")
+    assert_one_line_error(proc, "model crashed during forward (signal 11")
+
+
+def test_memory_hog_hits_the_address_space_cap(
+    escape_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, code = escape_model
+    proc, _ = _arch_run(weights, code, tmp_path / "x", "hog", "--memory-limit", "2048")
+    assert_one_line_error(proc, "out of memory", "2048 MiB")
+
+
+def test_endless_python_loop_ends_at_timeout(
+    escape_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    weights, code = escape_model
+    proc, took = _arch_run(weights, code, tmp_path / "x", "spin", "--timeout", "8")
+    assert_one_line_error(proc, "exceeded 8 s")
+    assert took < 30, took
+
+
+def test_endless_torchscript_loop_ends_at_timeout(tmp_path: Path) -> None:
+    class Spin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.flatten(1)
+            while bool(h.sum() > -1.0):  # inf stays > -1: never ends
+                h = h + 1.0
+            return self.fc(h)
+
+    path = tmp_path / "spin.pt"
+    torch.jit.save(torch.jit.script(Spin()), str(path))
+    started = time.monotonic()
+    proc = run_gate("inspect", str(path), "--input-shape", "1,8,8", "--timeout", "6")
+    assert_one_line_error(proc, "exceeded 6 s")
+    assert time.monotonic() - started < 30
+
+
+def test_policy_timeout_applies_without_the_option(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("timeout_seconds: 0\n")
+    proc = run_gate("policy", "validate", str(policy))
+    assert proc.returncode == 2 and "timeout_seconds" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_bad_timeout_is_a_usage_error(value: str, tmp_path: Path) -> None:
+    proc = run_gate("inspect", str(tmp_path / "m.pt"), "--timeout", value)
+    assert proc.returncode == 2 and "--timeout" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_child_gets_only_allow_listed_environment() -> None:
+    from gate.sandbox.limits import child_env
+
+    env = child_env(
+        "/w", ["/p"], {"GITHUB_TOKEN": "x", "OMP_NUM_THREADS": "2", "PATH": "/bin", "HOME": "/r"}
+    )
+    assert "GITHUB_TOKEN" not in env and "PATH" not in env
+    assert env["OMP_NUM_THREADS"] == "2" and env["HOME"] == "/w" and env["PYTHONPATH"] == "/p"
+
+
+def test_protocol_refuses_hostile_headers() -> None:
+    from gate.sandbox import protocol
+
+    r, w = os.pipe()
+    try:
+        header = b'{"body": {}, "arrays": [{"dtype": "object", "shape": [1]}]}'
+        os.write(w, len(header).to_bytes(8, "little") + header)
+        with pytest.raises(protocol.ProtocolError):
+            protocol.receive(r, time.monotonic() + 5)
+        huge = b'{"body": {}, "arrays": [{"dtype": "float64", "shape": [1099511627775, 1000]}]}'
+        os.write(w, len(huge).to_bytes(8, "little") + huge)
+        with pytest.raises(protocol.ProtocolError):
+            protocol.receive(r, time.monotonic() + 5)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_onnx_loop_with_huge_trip_count_ends_at_timeout(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    # Loop body: carry + 1, 2^62 times; then the graph returns the carried value.
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["carry_in", "one"], ["carry_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carry_in", TensorProto.FLOAT, ["n", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carry_out", TensorProto.FLOAT, ["n", 4]),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [
+            helper.make_tensor("trips", TensorProto.INT64, [], [2**62]),
+            helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "loop.onnx"
+    path.write_bytes(model.SerializeToString())
+    started = time.monotonic()
+    proc = run_gate("inspect", str(path), "--input-shape", "4", "--timeout", "6")
+    assert_one_line_error(proc, "exceeded 6 s")
+    assert time.monotonic() - started < 40
