@@ -1,4 +1,5 @@
-"""Byte-reproducible file writing: same arrays in, same bytes out."""
+"""Byte-reproducible file writing (same arrays in, same bytes out), and the checks that
+make reading an untrusted ``.npz`` safe."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -59,3 +60,72 @@ def open_atomic(path: Path) -> Iterator[BinaryIO]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+# --- reading untrusted .npz files -------------------------------------------------------------
+
+# Deflate cannot inflate more than ~1032:1; a member claiming more is forged.
+_MAX_DEFLATE_RATIO = 1100
+
+
+class NpzError(ValueError):
+    """An ``.npz`` whose members cannot hold what their ``.npy`` headers declare."""
+
+
+def check_npz(path: Path) -> None:
+    """Check every ``.npy`` member's header against the member's size before numpy reads it.
+
+    ``np.load`` allocates what a member's header declares before reading its data, so a
+    200-byte file declaring 2**42 elements would ask for 16 TiB. Here each header's shape
+    and dtype must account for exactly the member's uncompressed size, and that size must
+    be one deflate could produce from the compressed bytes; otherwise :class:`NpzError`.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise NpzError(f"member {info.filename!r} uses an unsupported compression")
+                limit = info.compress_size * (
+                    1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+                )
+                if info.file_size > limit + 1024:
+                    raise NpzError(
+                        f"member {info.filename!r} claims {info.file_size} bytes from "
+                        f"{info.compress_size} (forged or a zip bomb)"
+                    )
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as fh:
+                        _check_npy_header(fh, info)
+    except NpzError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        raise NpzError(f"corrupt zip archive ({exc})") from None
+
+
+def _check_npy_header(fh: BinaryIO | IO[bytes], info: zipfile.ZipInfo) -> None:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise NpzError(f"member {info.filename!r} has unsupported .npy version {version}")
+    except NpzError:
+        raise
+    except Exception as exc:  # numpy's header parser raises ValueError, TokenError, ...
+        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise NpzError(f"member {info.filename!r} has a malformed .npy header ({msg})") from None
+    if dtype.hasobject:
+        raise NpzError(f"member {info.filename!r} holds Python objects (pickles); refusing")
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    declared = count * dtype.itemsize
+    header = fh.tell()
+    if header + declared != info.file_size:
+        raise NpzError(
+            f"member {info.filename!r} declares shape {tuple(int(d) for d in shape)} of "
+            f"{dtype} ({declared} bytes) but holds {max(info.file_size - header, 0)} bytes"
+        )

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gate._io import check_npz
 from gate.errors import DataError, MismatchError, first_line
 from gate.models.base import LoadedModel, TextInput
 
@@ -41,6 +42,7 @@ def load_npz(path: str | Path) -> Dataset:
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     try:
+        check_npz(p)  # headers against sizes, before numpy allocates what they declare
         # allow_pickle=False: object arrays would mean unpickling untrusted bytes.
         with np.load(p, allow_pickle=False) as npz:
             keys = set(npz.files)
@@ -56,6 +58,8 @@ def load_npz(path: str | Path) -> Dataset:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{p}: not a readable .npz file ({first_line(exc)})") from None
+    except MemoryError:
+        raise DataError(f"{p}: the arrays are too large to load into memory") from None
     return validate_arrays(x, y, str(p))
 
 
@@ -79,7 +83,7 @@ def validate_arrays(x: npt.NDArray[Any], y: npt.NDArray[Any], where: str) -> Dat
         raise DataError(f"{where}: data set is empty")
     xf = np.ascontiguousarray(x, dtype=np.float32)
     if not np.all(np.isfinite(xf)):
-        bad = int(np.flatnonzero(~np.isfinite(xf.reshape(len(xf), -1)).any(axis=1))[0])
+        bad = int(np.flatnonzero((~np.isfinite(xf.reshape(len(xf), -1))).any(axis=1))[0])
         raise DataError(f"{where}: 'x' contains NaN or infinite values (first at row {bad})")
     if np.any(y < 0):
         raise DataError(f"{where}: 'y' contains negative labels")
@@ -121,6 +125,13 @@ def load_data(path: str | Path) -> Dataset | TextData:
     return load_jsonl(p) if head.startswith(b"{") else load_npz(p)
 
 
+def json_value_problem(exc: ValueError) -> str:
+    """What json.loads's non-syntax ValueError means, without Python's advice to set limits."""
+    if "digits" in str(exc):
+        return "a number has too many digits (over 4300)"
+    return f"unusable JSON value ({first_line(exc)})"
+
+
 def load_jsonl(path: str | Path) -> TextData:
     """One JSON object per line with a string ``text`` and an integer ``label`` >= 0."""
     p = Path(path)
@@ -143,6 +154,10 @@ def load_jsonl(path: str | Path) -> TextData:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}: line {number} is not JSON ({exc.msg})") from None
+        except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
+            raise DataError(f"{p}: line {number}: {json_value_problem(exc)}") from None
+        except RecursionError:
+            raise DataError(f"{p}: line {number} is nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"{p}: line {number} is not a JSON object with text and label")
         missing = [k for k in ("text", "label") if k not in record]

@@ -22,6 +22,7 @@ from gate.errors import BaselineError
 
 Matrix = npt.NDArray[np.float64]
 State = dict[str, npt.NDArray[Any]]
+MAX_STATE_VALUE = 1e30
 
 
 class Detector(ABC):
@@ -57,6 +58,9 @@ class Detector(ABC):
             arr = np.asarray(state[key])
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise BaselineError(f"detector {self.name!r}: stored {key} is not finite")
+            # An absurd magnitude (1e308) is as corrupting as inf: scores overflow to it.
+            if arr.dtype.kind in "fiu" and arr.size and np.max(np.abs(arr)) > MAX_STATE_VALUE:
+                raise BaselineError(f"detector {self.name!r}: stored {key} is out of range")
             setattr(self, f"{key}_", arr)
         self._restore(np.asarray(X, dtype=np.float64))
         return self

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from gate.errors import GateError, LayerError, ModelLoadError, UnsafeModelError, first_line
-from gate.models.base import Array, ForwardResult, first_tensor, sha256_file
+from gate.models.base import Array, ForwardResult, first_tensor
 from gate.models.statedict import PENULTIMATE, EagerModel
 
 FORMAT = "huggingface"
@@ -44,6 +45,8 @@ MAX_TOKENS = 256  # the longest input, in tokens (also capped by the model's own
 CHUNK_ROWS = 64  # inputs per forward call; a call's inputs are cut to the longest of them
 CHUNK_TOKENS = 4096  # and at most this many (padded) tokens per call
 MAX_JSON_BYTES = 16 << 20
+MAX_FILE_BYTES = 1 << 30  # a tokenizer file (the largest tokenizer.json files are ~20 MB)
+MAX_WEIGHT_BYTES = 64 << 30  # one safetensors file (shards are usually 2-10 GB)
 MAX_TOKEN_ID = 1 << 24  # float32 holds every integer below this exactly
 _INSTALL_HINT = "Hugging Face checkpoints need the hf extra: pip install 'backdoor-gate[hf]'"
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -66,6 +69,7 @@ def sniff(path: Path, head: bytes) -> bool:
 
 
 def load(path: Path) -> HFModel:
+    _check_entries(path)
     config = _read_json(path / CONFIG, "config")
     _refuse_custom_code(path, config, CONFIG)
     if (path / TOKENIZER_CONFIG).is_file():
@@ -137,14 +141,62 @@ def _import_transformers(path: Path) -> tuple[Any, Any]:
     return transformers, torch
 
 
+def _check_entries(path: Path) -> None:
+    """Refuse a directory whose entries could make gate (or transformers) read anything but
+    its own regular files: a symlink out of it (``vocab.txt -> /proc/self/pagemap`` reads
+    without end, ``-> ~/.ssh/id_rsa`` leaks), a device, a FIFO or a socket. Symlinks to
+    regular files inside the directory are fine. Subdirectories are not read."""
+    try:
+        root = path.resolve(strict=True)
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read the directory ({exc})") from None
+    for entry in entries:
+        try:
+            if entry.is_symlink():
+                target = Path(entry.path).resolve(strict=True)
+                if not target.is_relative_to(root) or not stat.S_ISREG(target.stat().st_mode):
+                    raise UnsafeModelError(
+                        f"{path}: {entry.name!r} is a symlink to {str(target)!r}, outside the "
+                        "checkpoint directory or not a regular file; gate reads only the "
+                        "directory's own files (copy the files in instead of linking them)"
+                    )
+                continue
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except (OSError, RuntimeError) as exc:  # dangling or looping links, races
+            raise UnsafeModelError(
+                f"{path}: {entry.name!r} cannot be resolved to a regular file in the "
+                f"directory ({exc}); refusing"
+            ) from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsafeModelError(
+                f"{path}: {entry.name!r} is not a regular file (a device, FIFO or socket); refusing"
+            )
+
+
+def _read_bounded(file: Path, limit: int, what: str) -> bytes:
+    """At most ``limit`` bytes of a regular file, and never more than its stat size."""
+    try:
+        with open(file, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise UnsafeModelError(f"{file}: {what} is not a regular file; refusing")
+            if info.st_size > limit:
+                raise ModelLoadError(
+                    f"{file}: {what} is {info.st_size} bytes, more than gate reads "
+                    f"({limit >> 20} MiB); refusing"
+                )
+            return fh.read(info.st_size)
+    except OSError as exc:
+        raise ModelLoadError(f"{file}: cannot read {what} ({exc.strerror or exc})") from None
+
+
 def _read_json(file: Path, what: str) -> dict[str, Any]:
     try:
-        if file.stat().st_size > MAX_JSON_BYTES:
-            raise ModelLoadError(f"{file}: {what} is larger than {MAX_JSON_BYTES >> 20} MiB")
-        value = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(_read_bounded(file, MAX_JSON_BYTES, what).decode("utf-8"))
     except GateError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelLoadError(f"{file}: unreadable {what} ({first_line(exc)})") from None
     if not isinstance(value, dict):
         raise ModelLoadError(f"{file}: {what} is not a JSON object")
@@ -206,11 +258,31 @@ def _digest(path: Path, names: Sequence[str]) -> str:
     """SHA-256 over the names and SHA-256s of the files gate reads from the directory."""
     h = hashlib.sha256(b"gate-hf-checkpoint\n")
     for name in sorted(set(names)):
-        try:
-            file_hash = sha256_file(path / name)
-        except OSError as exc:
-            raise ModelLoadError(f"{path / name}: cannot read ({exc.strerror or exc})") from None
-        h.update(f"{name}\0{file_hash}\n".encode())
+        limit = MAX_WEIGHT_BYTES if name.endswith(".safetensors") else MAX_FILE_BYTES
+        h.update(f"{name}\0{_hash_bounded(path / name, limit)}\n".encode())
+    return h.hexdigest()
+
+
+def _hash_bounded(file: Path, limit: int, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a regular file of at most ``limit`` bytes, read up to its stat size only
+    (a file that claims 0 bytes but streams forever, as /proc files do, ends there)."""
+    h = hashlib.sha256()
+    try:
+        with open(file, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise UnsafeModelError(f"{file}: not a regular file; refusing")
+            if info.st_size > limit:
+                raise ModelLoadError(
+                    f"{file}: {info.st_size} bytes, more than gate reads from a checkpoint "
+                    f"file ({limit >> 30} GiB); refusing"
+                )
+            left = info.st_size
+            while left > 0 and (block := fh.read(min(chunk, left))):
+                h.update(block)
+                left -= len(block)
+    except OSError as exc:
+        raise ModelLoadError(f"{file}: cannot read ({exc.strerror or exc})") from None
     return h.hexdigest()
 
 

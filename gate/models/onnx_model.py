@@ -88,34 +88,52 @@ def _check_model(path: Path, model: Any) -> None:
                 f"{path}: node {node.name or node.op_type!r} uses custom operator "
                 f"{node.domain}::{node.op_type}; gate only runs standard ONNX operators"
             )
-    for tensor in _all_initializers(model.graph):
-        if tensor.data_location == 1 or tensor.external_data:  # TensorProto.EXTERNAL
-            raise UnsafeModelError(
-                f"{path}: tensor {tensor.name!r} is stored in an external file; gate only loads "
-                "self-contained ONNX models"
-            )
+    graphs = [model.graph, *(g for info in model.training_info for g in _training_graphs(info))]
+    for graph in graphs:
+        for tensor in _all_tensors(graph):
+            if tensor.data_location == 1 or tensor.external_data:  # TensorProto.EXTERNAL
+                raise UnsafeModelError(
+                    f"{path}: tensor {tensor.name!r} is stored in an external file; gate only "
+                    "loads self-contained ONNX models"
+                )
+
+
+def _subgraphs(graph: Any) -> list[Any]:
+    """``graph`` and every graph nested in its nodes' attributes (If/Loop/Scan bodies)."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found.extend(_subgraphs(sub))
+    return found
+
+
+def _training_graphs(info: Any) -> list[Any]:
+    return [g for g in (info.initialization, info.algorithm) if g.ByteSize()]
 
 
 def _all_nodes(graph: Any) -> list[Any]:
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else []:
-                nodes.extend(_all_nodes(sub))
-            for sub in attr.graphs:
-                nodes.extend(_all_nodes(sub))
-    return nodes
+    return [node for g in _subgraphs(graph) for node in g.node]
 
 
-def _all_initializers(graph: Any) -> list[Any]:
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                tensors.extend(_all_initializers(sub))
+def _all_tensors(graph: Any) -> list[Any]:
+    """Every TensorProto in ``graph`` and its subgraphs: initializers, sparse initializers'
+    values and indices, and Constant-style tensor and sparse-tensor attributes. Any of them
+    may point at external data, which onnxruntime would read from beside the model."""
+    tensors: list[Any] = []
+    for g in _subgraphs(graph):
+        tensors.extend(g.initializer)
+        for sparse in g.sparse_initializer:
+            tensors.extend((sparse.values, sparse.indices))
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+                tensors.extend(attr.tensors)
+                if attr.HasField("sparse_tensor"):
+                    tensors.extend((attr.sparse_tensor.values, attr.sparse_tensor.indices))
+                for sparse in attr.sparse_tensors:
+                    tensors.extend((sparse.values, sparse.indices))
     return tensors
 
 

@@ -40,7 +40,6 @@ _SAFE_GLOBALS = frozenset(
         "torch.BoolStorage",
         "torch.storage.UntypedStorage",
         "torch.storage.TypedStorage",
-        "torch.storage._load_from_bytes",
         "torch._tensor._rebuild_from_type_v2",
         "torch.Tensor",
         "torch.nn.parameter.Parameter",
@@ -77,7 +76,20 @@ _SAFE_GLOBALS = frozenset(
         "numpy.ndarray",
     }
 )
-_SAFE_PREFIXES = ("torch._utils._rebuild_",)
+# Not ``_rebuild_*`` wholesale: the sparse, nested, quantized and meta rebuilders build
+# tensors from indices or layouts, and ``torch.storage._load_from_bytes`` (long allowed
+# here) calls torch.load(weights_only=False), i.e. unpickles anything.
+_SAFE_GLOBALS = _SAFE_GLOBALS | {
+    f"torch._utils.{name}"
+    for name in (
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_tensor_v3",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+    )
+}
+_SAFE_PREFIXES: tuple[str, ...] = ()
 # What TorchScript's own (C++, restricted) unpickler resolves in an archive's pickles.
 TORCHSCRIPT_SAFE_PREFIXES = ("__torch__.", "torch.jit._pickle.")
 
@@ -292,6 +304,32 @@ def check_zip_integrity(path: Path, zf: zipfile.ZipFile) -> None:
         ) from None
     if bad is not None:
         raise ModelLoadError(f"{path}: archive member {bad!r} fails its CRC check (corrupt)")
+
+
+def torch_record(path: Path, zf: zipfile.ZipFile, record: str) -> zipfile.ZipInfo | None:
+    """The member torch reads as ``record`` (``"data.pkl"``), or None when there is none.
+
+    torch's archive reader (caffe2's ``PyTorchFileReader``) takes the folder of the
+    *first* central-directory entry as the archive's root and looks records up under it
+    through miniz, which compares names case-insensitively and, among duplicates, may
+    return any. So names that collide ignoring case are refused outright, and the record
+    is matched exactly as torch matches it, whatever other ``*/data.pkl`` members exist.
+    """
+    infos = zf.infolist()
+    seen: dict[str, str] = {}
+    for info in infos:
+        key = info.filename.lower()
+        if key in seen:
+            raise ModelLoadError(
+                f"{path}: archive has duplicate members {seen[key]!r} and {info.filename!r} "
+                "(torch could read either); refusing"
+            )
+        seen[key] = info.filename
+    if not infos or "/" not in infos[0].filename:
+        return None
+    root = infos[0].filename.split("/", 1)[0]
+    want = f"{root}/{record}".lower()
+    return next((i for i in infos if i.filename.lower() == want), None)
 
 
 def zip_member_names(path: Path, head: bytes) -> list[str] | None:

@@ -47,8 +47,9 @@ def sniff(path: Path, head: bytes) -> bool:
     names = safety.zip_member_names(path, head)
     if names is None:
         return False
-    has_pickle = any(n.endswith("/data.pkl") for n in names)
-    return has_pickle and not any("/code/" in n for n in names)
+    lower = [n.lower() for n in names]  # torch finds records ignoring case
+    has_pickle = any(n.endswith("/data.pkl") for n in lower)
+    return has_pickle and not any("/code/" in n for n in lower)
 
 
 def sniff_safetensors(path: Path, head: bytes) -> bool:
@@ -73,7 +74,11 @@ def load(path: Path) -> EagerModel:
     try:
         with zipfile.ZipFile(path) as zf:
             check_zip_bounds(path, zf)
-            pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+            pkl = safety.torch_record(path, zf, "data.pkl")
+            if pkl is None:
+                raise ModelLoadError(
+                    f"{path}: torch.save() checkpoint has no data.pkl in its root folder"
+                )
             with zf.open(pkl) as member:
                 globals_ = pickle_globals(member)
             if dangerous_globals(globals_):

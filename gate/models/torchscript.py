@@ -27,14 +27,11 @@ from gate.models.safety import (
     dangerous_globals,
     pickle_globals,
 )
+from gate.models.torchscript_ops import check_ops
 
 FORMAT = "torchscript"
 
-# Ops outside these namespaces (custom C++ ops) are refused, and so are the few aten/prim
-# ops that touch the file system or the process, so a scan cannot be turned into I/O.
-_ALLOWED_NAMESPACES = ("aten::", "prim::")
-_FORBIDDEN_OP = re.compile(r"(file|save|load|print|rpc|remote|_wait|fork|raise)", re.IGNORECASE)
-_ALLOWED_DESPITE_PATTERN = {"prim::RaiseException", "aten::_assert_async", "aten::warn"}
+
 _HEAD_OPS = {"aten::linear": 0, "aten::matmul": 0, "aten::mm": 0, "aten::addmm": 1}
 _PASSTHROUGH_OPS = {
     "aten::log_softmax",
@@ -59,7 +56,8 @@ def sniff(path: Path, head: bytes) -> bool:
     names = safety.zip_member_names(path, head)
     if names is None:
         return False
-    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+    lower = [n.lower() for n in names]  # torch finds records ignoring case
+    return any("/code/" in n for n in lower) and any(n.endswith("constants.pkl") for n in lower)
 
 
 # TorchScript runs a class's ``__setstate__`` while torch.jit.load unpickles the archive,
@@ -168,9 +166,12 @@ def _check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as zf:
             check_zip_bounds(path, zf)
             check_zip_integrity(path, zf)
+            safety.torch_record(path, zf, "data.pkl")  # refuses names torch could confuse
             for info in zf.infolist():
                 name = info.filename
-                if name.endswith(".pkl"):
+                # torch finds records ignoring case: classify members the same way.
+                lower = name.lower()
+                if lower.endswith(".pkl"):
                     with zf.open(info) as member:
                         globals_ = pickle_globals(member)
                     bad = dangerous_globals(globals_, TORCHSCRIPT_SAFE_PREFIXES)
@@ -180,7 +181,7 @@ def _check_archive(path: Path) -> None:
                             f"{', '.join(bad[:3])} when unpickled (possible code execution); "
                             "refusing to load"
                         )
-                elif "/code/" in name and name.endswith(".py"):
+                elif "/code/" in lower and lower.endswith(".py"):
                     source = zf.read(info)
                     _check_source_shape(path, name, source)
                     if _LOAD_TIME_HOOK.search(source):
@@ -294,36 +295,8 @@ def load(path: Path) -> TorchScriptModel:
             f"{path}: not a loadable TorchScript archive ({first_line(exc)})"
         ) from None
     module.eval()
-    _check_ops(path, module)
+    check_ops(path, module)
     return TorchScriptModel(str(path), sha256_file(path), module)
-
-
-def _check_ops(path: Path, module: Any) -> None:
-    import torch
-
-    graph = module.forward.graph.copy()
-    torch._C._jit_pass_inline(graph)
-    for node in _all_nodes(graph.block()):
-        kind = node.kind()
-        if not kind.startswith(_ALLOWED_NAMESPACES):
-            raise UnsafeModelError(
-                f"{path}: the model calls custom operator {kind!r}; gate only runs standard "
-                "aten/prim operators"
-            )
-        if _FORBIDDEN_OP.search(kind.split("::", 1)[1]) and kind not in _ALLOWED_DESPITE_PATTERN:
-            raise UnsafeModelError(
-                f"{path}: the model's code calls {kind!r}, which has side effects outside "
-                "inference; refusing to run it"
-            )
-
-
-def _all_nodes(block: Any) -> list[Any]:
-    nodes = []
-    for node in block.nodes():
-        nodes.append(node)
-        for sub in node.blocks():
-            nodes.extend(_all_nodes(sub))
-    return nodes
 
 
 def _tensor_values(graph: Any) -> list[Any]:

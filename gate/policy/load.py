@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from gate.errors import PolicyError
+from gate.errors import PolicyError, first_line
 from gate.policy.model import Policy
 
 DEFAULT_POLICY = "default"
@@ -41,6 +41,12 @@ def load_policy(name_or_path: str | None) -> Policy:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PolicyError(f"{path}: invalid YAML{where}") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        if "digits" in str(exc):
+            raise PolicyError(f"{path}: a number in the policy has too many digits") from None
+        raise PolicyError(f"{path}: invalid value in the policy ({first_line(exc)})") from None
+    except RecursionError:
+        raise PolicyError(f"{path}: the policy is nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
