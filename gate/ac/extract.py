@@ -264,7 +264,9 @@ def cached_activations(
     tags: tuple[str, ...] = ()
     if order is not None:
         tags = ("order-" + hashlib.sha256(np.asarray(order, np.int64).tobytes()).hexdigest(),)
-    keys = [cache.key(model.sha256, digest, (r.name, r.cache_tag, *tags)) for r in requests]
+    # Models built from the user's code (--arch) also key on that code, not only the file.
+    identity = str(getattr(model, "cache_identity", model.sha256))
+    keys = [cache.key(identity, digest, (r.name, r.cache_tag, *tags)) for r in requests]
     out: list[Streamed | None] = []
     for key, req in zip(keys, requests, strict=True):
         hit = cache.get(key, len(x), [req.name])

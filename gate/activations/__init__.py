@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import os
+import stat
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -91,53 +95,175 @@ def extract(
     )
 
 
-DEFAULT_CACHE_DIR = ".gate-cache/activations"
-_CACHE_VERSION = "3"  # 2: bounded batches (first rows run alone); 3: AC batches of 1024
+_CACHE_VERSION = "4"  # 2: bounded batches; 3: AC batches of 1024; 4: keyed and MACed entries
+SECRET_FILE = "cache.key"
+SECRET_ENV = "GATE_CACHE_SECRET"
+_SECRET_BYTES = 32
+_MAC_CHUNK = 1 << 22
+
+
+def default_cache_root() -> Path | None:
+    """gate's cache root, never the working directory (in CI the checked-out repository,
+    which whoever proposes the model controls): ``$RUNNER_TEMP/gate-cache`` under GitHub
+    Actions (when that directory exists: it is emptied for every job), else
+    ``$XDG_CACHE_HOME/gate`` (an absolute path), else ``~/.cache/gate``. None without a home."""
+    runner_temp = os.environ.get("RUNNER_TEMP", "")
+    actions = os.environ.get("GITHUB_ACTIONS") == "true"
+    if actions and os.path.isabs(runner_temp) and os.path.isdir(runner_temp):
+        return Path(runner_temp) / "gate-cache"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "gate"
+    try:
+        return Path.home() / ".cache" / "gate"
+    except (RuntimeError, KeyError):
+        return None
+
+
+def default_cache_dir() -> Path | None:
+    root = default_cache_root()
+    return None if root is None else root / "activations"
+
+
+def cache_secret() -> bytes | None:
+    """The secret that keys and authenticates cache entries, or None (no usable cache).
+
+    ``$GATE_CACHE_SECRET`` when set (to share a cache between machines or jobs: pass it from
+    a CI secret), else ``cache.key`` in :func:`default_cache_root` — never in ``--cache-dir``,
+    which may be inside the repository. The file is made on first use from ``os.urandom``
+    with mode 0600, and used only while it is a regular file of this user that no one else
+    can read or write: a checked-out or planted file (mode 0644) is refused.
+    """
+    env = os.environ.get(SECRET_ENV, "")
+    if env:
+        return hashlib.sha256(b"gate-cache-secret\0" + env.encode("utf-8", "replace")).digest()
+    root = default_cache_root()
+    if root is None:
+        return None
+    path = root / SECRET_FILE
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _create_secret(path)
+        return _read_secret(path)
+    except OSError:  # no writable home: run without a cache
+        return None
+
+
+def _read_secret(path: Path) -> bytes | None:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+        private = os.name != "posix" or st.st_mode & 0o077 == 0
+        if not (stat.S_ISREG(st.st_mode) and mine and private) or st.st_size != _SECRET_BYTES:
+            return None
+        data = os.read(fd, _SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    return data if len(data) == _SECRET_BYTES else None
+
+
+def _create_secret(path: Path) -> None:
+    # Written to a private temporary file, then linked into place: a concurrent gate either
+    # sees the whole key or none, and an existing key is never replaced.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cache.key.")
+    try:
+        os.write(fd, os.urandom(_SECRET_BYTES))
+        os.fsync(fd)
+        os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 class ActivationCache:
     """Extraction results on disk, keyed by model sha256 + input hash + layers.
 
     Each entry is a directory of ``.npy`` files (``outputs.npy`` and one ``layer-K.npy``
-    per requested layer), written atomically and read with ``allow_pickle=False``. An
-    entry that is unreadable or has the wrong shape is ignored and recomputed.
+    per requested layer) and ``mac``, written atomically and read with
+    ``allow_pickle=False``. The entry's name is an HMAC of its key under the machine's
+    secret (:func:`cache_secret`), and ``mac`` an HMAC over the name and every file's bytes:
+    without the secret no one can name an entry for a model or forge its content, so an
+    entry committed to a repository, or edited, is never used. An entry that is
+    unreadable, fails its MAC or has the wrong shape is ignored and recomputed.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, secret: bytes) -> None:
         self.root = Path(root)
+        self.secret = secret
         self.hits = 0
         self.misses = 0
 
+    @classmethod
+    def open(cls, root: str | Path | None = None) -> ActivationCache | None:
+        """The cache at ``root`` (default :func:`default_cache_dir`), or None when there is
+        no usable secret or default location."""
+        secret = cache_secret()
+        where = root if root is not None else default_cache_dir()
+        if secret is None or where is None:
+            return None
+        return cls(where, secret)
+
     def key(self, model_sha256: str, input_hash: str, layers: Sequence[str]) -> str:
-        h = hashlib.sha256()
+        h = hmac.new(self.secret, digestmod=hashlib.sha256)
         for part in (_CACHE_VERSION, model_sha256, input_hash, *layers):
-            h.update(part.encode("utf-8"))
+            h.update(part.encode("utf-8", "surrogateescape"))
             h.update(b"\0")
         return h.hexdigest()
 
     def get(self, key: str, n_rows: int, layers: Sequence[str]) -> ForwardResult | None:
         entry = self.root / key[:2] / key
         try:
-            outputs = _load_npy(entry / "outputs.npy", n_rows)
-            acts = {
-                name: _load_npy(entry / f"layer-{i}.npy", n_rows) for i, name in enumerate(layers)
-            }
-        except (OSError, ValueError, EOFError):
+            files = self._files(entry, layers)
+            stored = (entry / "mac").read_text(encoding="ascii").strip()
+            if not hmac.compare_digest(stored, self._mac(key, files)):
+                raise ValueError(f"{entry}: MAC mismatch")
+            outputs = _load_npy(files[-1], n_rows)
+            acts = {name: _load_npy(files[i], n_rows) for i, name in enumerate(layers)}
+        except (OSError, ValueError, EOFError, UnicodeDecodeError):
             self.misses += 1
             return None
         self.hits += 1
         return ForwardResult(outputs=outputs, activations=acts)
 
     def put(self, key: str, result: ForwardResult, layers: Sequence[str]) -> None:
-        from gate._io import write_npy_atomic
+        from gate._io import write_bytes_atomic, write_npy_atomic
 
         entry = self.root / key[:2] / key
-        arrays = {"layer-" + str(i): result.activations[name] for i, name in enumerate(layers)}
+        files = self._files(entry, layers)
+        arrays = [*(result.activations[name] for name in layers), result.outputs]
         try:
-            for stem, arr in {**arrays, "outputs": result.outputs}.items():
-                write_npy_atomic(entry / f"{stem}.npy", arr)
+            (entry / "mac").unlink(missing_ok=True)  # a half-rewritten entry never verifies
+            for path, arr in zip(files, arrays, strict=True):
+                write_npy_atomic(path, arr)
+            # The MAC covers the bytes as they are on disk (read back: cheap, in page cache).
+            write_bytes_atomic(entry / "mac", self._mac(key, files).encode("ascii") + b"\n")
         except OSError:  # a read-only or full disk only costs the cache
             pass
+
+    @staticmethod
+    def _files(entry: Path, layers: Sequence[str]) -> list[Path]:
+        return [*(entry / f"layer-{i}.npy" for i in range(len(layers))), entry / "outputs.npy"]
+
+    def _mac(self, key: str, files: Sequence[Path]) -> str:
+        h = hmac.new(self.secret, key.encode("ascii"), hashlib.sha256)
+        buf = bytearray(_MAC_CHUNK)
+        view = memoryview(buf)
+        for path in files:
+            h.update(b"\0" + path.name.encode("ascii") + b"\0")
+            with open(path, "rb") as fh:
+                h.update(str(os.fstat(fh.fileno()).st_size).encode("ascii") + b"\0")
+                while got := fh.readinto(buf):
+                    h.update(view[:got])
+        return h.hexdigest()
 
 
 def _load_npy(path: Path, n_rows: int) -> Array:

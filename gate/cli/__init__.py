@@ -38,6 +38,16 @@ def _arch_context(args: argparse.Namespace) -> AbstractContextManager[object]:
     return use_arch(arch, kwargs)
 
 
+def _sandbox_context(args: argparse.Namespace) -> AbstractContextManager[object]:
+    """--timeout/--memory-limit for the command's sandboxed model processes (gate.sandbox)."""
+    if not hasattr(args, "timeout"):
+        return contextlib.nullcontext()
+    from gate.sandbox import DEFAULT_TIMEOUT, SandboxOptions, use_sandbox
+
+    timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT
+    return use_sandbox(SandboxOptions(timeout=timeout, memory_mb=args.memory_limit))
+
+
 def run() -> NoReturn:
     """The ``gate`` command: :func:`main`, then exit with its code. The collector is frozen
     first: the interpreter's last collections over torch's many objects otherwise add
@@ -49,6 +59,18 @@ def run() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gate.report.escape import StopCommands
+
+    # Under GitHub Actions everything gate prints runs inside ::stop-commands:: (a random
+    # token): a model path or layer name cannot become a workflow command even if some
+    # output missed escaping. gate's own annotations are printed after it ends.
+    with StopCommands():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from gate.report.escape import human
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -61,10 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads:
         set_threads(threads)
     try:
-        with _arch_context(args):
+        with _arch_context(args), _sandbox_context(args):
             return int(args.handler(args))
     except GateError as exc:
-        print(f"gate: error: {exc}", file=sys.stderr)
+        # Messages name files and layers: escaped so that the error stays one line.
+        print(f"gate: error: {human(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gate: interrupted", file=sys.stderr)
@@ -73,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GATE_DEBUG"):
             raise
         print(
-            f"gate: internal error: {type(exc).__name__}: {exc} (set GATE_DEBUG=1 for a traceback)",
+            f"gate: internal error: {type(exc).__name__}: {human(exc)} "
+            "(set GATE_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         return EXIT_ERROR

@@ -10,8 +10,9 @@ FINDING_STATUSES = ("fail", "warn")
 
 
 def findings(report: Report) -> list[CheckResult]:
-    """The checks a CI system should show: failing and warning ones, in report order."""
-    return [c for c in report.checks if c.status in FINDING_STATUSES]
+    """The checks a CI system should show: those that fail or warn the verdict (a required
+    check that analysed nothing included), in report order. Their level is ``effect()``."""
+    return [c for c in report.checks if c.effect() in FINDING_STATUSES]
 
 
 def artifact_path(report: Report) -> str:

@@ -19,7 +19,7 @@ def render(report: Report) -> str:
             "check_name": f"gate/{check.name}",
             "categories": ["Security"],
             "fingerprint": fingerprint(report, check),
-            "severity": _SEVERITY[check.status],
+            "severity": _SEVERITY[check.effect()],
             "location": {"path": artifact_path(report), "lines": {"begin": 1}},
         }
         for check in findings(report)

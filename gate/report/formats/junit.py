@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from gate.report.schema import Report
+from gate.report.escape import xml_text as x
+from gate.report.schema import CheckResult, Report
+
+# Every value from the report goes through ``x`` (gate.report.escape.xml_text): a model
+# path or message may hold characters XML 1.0 forbids, which ElementTree writes as they are.
 
 
 def render(report: Report) -> str:
     checks = report.checks
-    failures = sum(c.status == "fail" for c in checks)
-    skipped = sum(c.status == "skipped" for c in checks)
+    failures = sum(c.effect() == "fail" for c in checks)
+    skipped = sum(_skipped(c) for c in checks)
     counts = {"tests": str(len(checks)), "failures": str(failures), "errors": "0"}
     root = ET.Element("testsuites", {"name": "gate", **counts})
     suite = ET.SubElement(
         root,
         "testsuite",
-        {"name": f"gate scan {report.model.path}", **counts, "skipped": str(skipped)},
+        {"name": x(f"gate scan {report.model.path}"), **counts, "skipped": str(skipped)},
     )
     props = ET.SubElement(suite, "properties")
     for name, value in (
@@ -25,28 +29,39 @@ def render(report: Report) -> str:
         ("model.sha256", report.model.sha256),
         ("gate_version", report.gate_version),
     ):
-        ET.SubElement(props, "property", {"name": name, "value": value})
+        ET.SubElement(props, "property", {"name": name, "value": x(value)})
     for check in checks:
         case = ET.SubElement(
             suite,
             "testcase",
-            {"classname": f"gate.{report.policy}", "name": check.name, "file": report.model.path},
+            {
+                "classname": x(f"gate.{report.policy}"),
+                "name": x(check.name),
+                "file": x(report.model.path),
+            },
         )
-        if check.status == "fail":
-            failure = ET.SubElement(case, "failure", {"message": check.message, "type": check.name})
+        if check.effect() == "fail":
+            attrs = {"message": x(check.message), "type": x(check.name)}
+            failure = ET.SubElement(case, "failure", attrs)
             failure.text = _detail(check.message, check.value, check.threshold)
-        elif check.status == "skipped":
-            ET.SubElement(case, "skipped", {"message": check.message})
+        elif _skipped(check):
+            ET.SubElement(case, "skipped", {"message": x(check.message)})
         else:
             out = ET.SubElement(case, "system-out")
-            out.text = f"{check.status.upper()}: {check.message}"
+            out.text = x(f"{check.status.upper()}: {check.message}")
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
 
 
+def _skipped(check: CheckResult) -> bool:
+    # A check that did not run, or analysed nothing without counting against the verdict.
+    not_counted = check.status == "not_analysed" and check.effect() == "pass"
+    return check.status == "skipped" or not_counted
+
+
 def _detail(message: str, value: float | None, threshold: float | None) -> str:
-    parts = [message]
+    parts = [x(message)]
     if value is not None:
         parts.append(f"value: {value:.6g}")
     if threshold is not None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from gate.report.escape import human, md_code
 from gate.report.schema import Report
 
-_ICON = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skipped": "⏭️"}
+_ICON = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skipped": "⏭️", "not_analysed": "❔"}
 
 
 @cache
@@ -19,7 +20,11 @@ def _environment() -> Any:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
+        # Every value is escaped (gate.report.escape.human): a model path or layer name with
+        # a newline could otherwise start a `::set-output` line in a CI log.
+        finalize=human,
     )
+    env.filters["code"] = md_code
     env.filters["g"] = lambda v, digits=3: "—" if v is None else f"{v:.{digits}g}"
     env.globals["icon"] = _ICON
     return env

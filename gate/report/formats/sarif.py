@@ -55,7 +55,7 @@ def render(report: Report) -> str:
             {
                 "ruleId": check.name,
                 "ruleIndex": rule_ids.index(check.name),
-                "level": _LEVEL[check.status],
+                "level": _LEVEL[check.effect()],
                 "message": {"text": check.message},
                 "locations": [
                     {
