@@ -29,14 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_ac as B
 
-from gate.ac.clustering import (
-    ACConfig,
-    ExreTraining,
-    _class_rows,
-    _Evidence,
-    candidates,
-    reduce,
-)
+from gate.ac.candidates import candidates
+from gate.ac.config import ACConfig
+from gate.ac.exre import Evidence, ExreTraining
+from gate.ac.reduction import class_rows, reduce
 
 CFG = ACConfig()
 MIN_SEP = 2.9  # below this a candidate is a cut through one blob; no ExRe is computed
@@ -50,9 +46,9 @@ def class_candidates(
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         n = len(idx)
-        ev = _Evidence(training, int(c), None)
+        ev = Evidence(training, int(c), None)
         spaces = [
-            (where, reduce(_class_rows(acts, idx), CFG.n_components, CFG.reduction, CFG.seed))
+            (where, reduce(class_rows(acts, idx), CFG.n_components, CFG.reduction, CFG.seed))
             for where, acts in (("layer", hidden), ("exre layer", feats))
         ]
         for cand in candidates(CFG, spaces, MIN_SEP):

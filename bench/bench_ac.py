@@ -415,6 +415,144 @@ MLP_CONFIGS: Configs = {
 }
 
 
+def _case_results(case: Any, d: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
+    """F1, flags, p-values and timings of the default and calibrated rules on one case
+    (``old``: a cached result whose default-rule part is kept)."""
+    from gate.ac.outputs import repaired_rows
+    from gate.report.schema import ActivationClusteringReport, ClassReport
+
+    y, mask = d["y"], d["mask"]
+    out: dict[str, Any] = {"acc": float(d["acc"]), "asr": float(d["asr"]), "n_poison": int(mask.sum())}
+    for name, cfg in (("default", ACConfig()), ("calibrated", ACConfig(rule="calibrated"))):
+        if old is not None and name == "default":
+            out[name] = old[name]
+            continue
+        t0 = time.perf_counter()
+        extra = {"input_x": d["input"]} if cfg.rule == "calibrated" else {}
+        res = cluster_classes(d["hidden"], y, cfg, exre_x=d["exre"], **extra)
+        s = scores(res, mask, y)
+        s.pop("per")
+        s["time"] = time.perf_counter() - t0
+        s["p"] = {c.label: c.p_value for c in res if c.p_value is not None}
+        relabels = {row: lab for c in res for row, lab in c.relabels}
+        ac = ActivationClusteringReport(
+            layer="", data="", n_samples=len(y),
+            classes=[ClassReport(label=c.label, size=c.size, silhouette=None, flagged=c.flagged,
+                                 suspicious_indices=list(c.suspicious_indices), cluster_sizes=[]) for c in res],
+        )
+        rows, labels = repaired_rows(y, ac, relabels, "relabel")
+        s["repair_rows"] = rows.tolist()
+        s["repair_labels"] = labels.tolist()
+        out[name] = s
+    return out
+
+
+def run_cases(repair: bool, budget: float = float("inf")) -> None:
+    """Issue 15's cases (bench/ac_cases.py): digits and real MNIST, CNNs and MLPs, design and
+    held-out triggers, >= 20 clean models; the default rule vs the calibrated one."""
+    import json
+
+    import ac_cases as AC
+
+    cache = AC.CACHE / "results.json"
+    done: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    cases = AC.all_cases()
+    started = time.perf_counter()
+    # Results are cached per case; with --budget the most informative cases go first and
+    # the rest are left for a later run (the tables say which were not run).
+    for case in sorted(cases, key=lambda c: AC.priority(c)):
+        if time.perf_counter() - started > budget:
+            break
+        stale = case.key in done and done[case.key].get("combine") != "max"
+        if case.key not in done or stale:
+            t0 = time.perf_counter()
+            done[case.key] = _case_results(case, AC.materialise(case), done.get(case.key))
+            done[case.key]["combine"] = "max"
+            done[case.key]["wall"] = time.perf_counter() - t0
+            cache.write_text(json.dumps(done))
+    print("## Issue 15 cases: digits and MNIST, CNNs and MLPs (default rule vs calibrated)\n")
+    print("Attack success (ASR) of the poisoned model on triggered test inputs of the source classes.\n")
+    for title, pick in (
+        ("Poisoned, design triggers (looked at while choosing the rule)", lambda c: c.attack != "none" and not c.held_out),
+        ("Poisoned, held-out triggers (not looked at while choosing the rule)", lambda c: c.held_out),
+    ):
+        print(f"### {title}\n")
+        print("| case | poison rows | clean acc | ASR | default F1 (flagged) | calibrated F1 (flagged) | calibrated min p | time s (default / calibrated) |")
+        print("|---|---|---|---|---|---|---|---|")
+        f1s: dict[str, list[float]] = {"default": [], "calibrated": []}
+        for case in filter(pick, cases):
+            if case.key not in done:
+                print(f"| {case.key} | not run (--budget) | | | | | | |")
+                continue
+            r = done[case.key]
+            cells = []
+            for name in ("default", "calibrated"):
+                s = r[name]
+                cells.append(f"{s['f1']:.3f} ({s['flags']}; FP {s['fp']}, FN {s['fn']})")
+                if r["asr"] >= 0.8:
+                    f1s[name].append(s["f1"])
+            ps = r["calibrated"]["p"]
+            minp = min(ps.values()) if ps else float("nan")
+            print(f"| {case.key} | {r['n_poison']} | {r['acc']:.3f} | {r['asr']:.2f} | {cells[0]} | {cells[1]} | {minp:.2g} "
+                  f"| {r['default']['time']:.1f} / {r['calibrated']['time']:.1f} |")
+        for name, v in f1s.items():
+            if v:
+                print(f"\n* {name}: ASR >= 0.8 cases {len(v)}, F1 >= 0.95 in {sum(f >= 0.95 for f in v)}, median F1 {np.median(v):.3f}, min {min(v):.3f}")
+        print()
+    print("### Clean models: classes flagged (zero is the target)\n")
+    print("| model | clean acc | default flags | calibrated flags | calibrated min p |")
+    print("|---|---|---|---|---|")
+    totals = {"default": 0, "calibrated": 0}
+    clean = [c.key for c in cases if c.attack == "none" and c.key in done]
+    for seed in range(4):  # the demo recipe's clean digit CNNs (the issue's clean twin)
+        key = f"zoo-cnn-s{seed}-clean"
+        if key not in done and seed > 0 and time.perf_counter() - started > budget:
+            continue
+        if key not in done or done[key].get("combine") != "max":
+            done[key] = _case_results(None, AC.zoo_case(seed), done.get(key))
+            done[key]["combine"] = "max"
+            cache.write_text(json.dumps(done))
+        clean.append(key)
+    for key in clean:
+        r = done[key]
+        for name in totals:
+            totals[name] += len(r[name]["flags"])
+        ps = r["calibrated"]["p"]
+        print(f"| {key} | {r['acc']:.3f} | {r['default']['flags'] or 'none'} | {r['calibrated']['flags'] or 'none'} | {min(ps.values()) if ps else float('nan'):.2g} |")
+    print(f"\n* {len(clean)} clean models; classes flagged: default {totals['default']}, calibrated {totals['calibrated']}\n")
+    if repair:
+        run_repair(cases, done, cache)
+
+
+def run_repair(cases: list[Any], done: dict[str, Any], cache: Path) -> None:
+    """Retrain on the raw data and on repaired.npz's rows (calibrated rule, relabel)."""
+    import json
+
+    import ac_cases as AC
+
+    print("### Repair: retraining on repaired.npz (calibrated rule, suspicious rows relabelled as ExRe decides)\n")
+    print("| case | ASR raw -> repaired | clean acc raw -> repaired | rows relabelled / dropped |")
+    print("|---|---|---|---|")
+    for case in cases:
+        r = done.get(case.key)
+        if r is None or case.attack == "none" or r["asr"] < 0.8 or (case.dataset == "mnist" and case.arch == "cnn"):
+            continue
+        s = r["calibrated"]
+        if "repaired" not in r:
+            x, _, _ = AC.poisoned(case)
+            rows = np.asarray(s["repair_rows"], dtype=np.int64)
+            labels = np.asarray(s["repair_labels"], dtype=np.int64)
+            r["repaired"] = AC.retrain_scores(case, x[rows], labels)
+            cache.write_text(json.dumps(done))
+        acc2, asr2 = r["repaired"]
+        y0 = AC.poisoned(case)[1]
+        kept = np.asarray(s["repair_rows"], dtype=np.int64)
+        relabelled = int((np.asarray(s["repair_labels"]) != y0[kept]).sum())
+        print(f"| {case.key} | {r['asr']:.2f} -> {asr2:.2f} | {r['acc']:.3f} -> {acc2:.3f} "
+              f"| {relabelled} / {len(y0) - len(kept)} |")
+    print()
+
+
 class _Tee:
     """Print to the terminal and to bench/results/ac.md."""
 
@@ -437,15 +575,22 @@ def main() -> None:
     torch.set_num_threads(1)
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    out = (results / "ac.md").open("w", encoding="utf-8")
-    sys.stdout = _Tee(sys.__stdout__, out)
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-scale", action="store_true")
     ap.add_argument("--no-art", action="store_true")
     ap.add_argument("--no-seeds", action="store_true")
     ap.add_argument("--no-mlp", action="store_true")
+    ap.add_argument("--cases-only", action="store_true", help="only issue 15's cases")
+    ap.add_argument("--no-repair", action="store_true")
+    ap.add_argument("--budget", type=float, default=float("inf"), help="seconds for new cases")
     args = ap.parse_args()
+    out = (results / ("ac-cases.md" if args.cases_only else "ac.md")).open("w", encoding="utf-8")
+    sys.stdout = _Tee(sys.__stdout__, out)
+    sys.path.insert(0, str(REPO / "bench"))
+    run_cases(repair=not args.no_repair, budget=args.budget)
+    if args.cases_only:
+        return
     rates = [0.0, 0.10, 0.15, 0.33]
     run_protocol(CONFIGS, rates, verbose=not args.quick)
     if not args.no_seeds:

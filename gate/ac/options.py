@@ -68,6 +68,8 @@ class ACOptions:
     classes: ClassSelection | None = None  # None: every class
     # When given, receives a cluster picture (PNG bytes) per flagged class label.
     pictures: dict[int, bytes] | None = field(default=None, compare=False)
+    # When given, receives row -> class for each suspicious row ExRe reclassified (repair).
+    relabels: dict[int, int] | None = field(default=None, compare=False)
 
 
 def clustering_threads(requested: int | None) -> int:

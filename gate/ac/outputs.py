@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -76,3 +77,76 @@ def suspicious_texts(
     if len(rows) > limit:
         lines.append(f"# ... {len(rows) - limit} more (see suspicious.csv)")
     return "\n".join(lines) + "\n"
+
+
+RepairMode = str  # "relabel" or "drop"
+
+
+def repaired_rows(
+    y: np.ndarray, ac: ActivationClusteringReport, relabels: Mapping[int, int], mode: RepairMode
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept, their labels) of the training set after repair, the paper's last step.
+
+    ``relabel``: a suspicious row gets the class exclusionary reclassification put it in
+    (``relabels``: row -> class, from the classifier trained without its cluster); a
+    suspicious row ExRe still puts in its own class, or one without an ExRe verdict (a
+    class flagged by spectral signatures alone), cannot be repaired by a new label and is
+    dropped. ``drop``: every suspicious row is dropped.
+    """
+    labels = np.asarray(y, dtype=np.int64).copy()
+    suspicious = np.zeros(len(labels), dtype=bool)
+    for c in ac.classes:
+        suspicious[np.asarray(c.suspicious_indices, dtype=np.int64)] = True
+    keep = ~suspicious
+    if mode == "relabel":
+        for row in np.flatnonzero(suspicious):
+            new = relabels.get(int(row))
+            if new is not None and new != labels[row]:
+                labels[row] = new
+                keep[row] = True
+    rows = np.flatnonzero(keep).astype(np.int64)
+    return rows, labels[rows]
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An uncompressed .npz of ``arrays`` with fixed zip timestamps: byte-identical for the
+    same arrays (``np.savez`` stamps the current time into every member)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def repaired_npz(
+    x: np.ndarray,
+    y: np.ndarray,
+    ac: ActivationClusteringReport,
+    relabels: Mapping[int, int],
+    mode: RepairMode = "relabel",
+) -> bytes:
+    """``repaired.npz``: ``x`` and ``y`` of the repaired training set (see
+    :func:`repaired_rows`) and ``index``, each kept row's row in the original data."""
+    rows, labels = repaired_rows(y, ac, relabels, mode)
+    return npz_bytes({"x": np.asarray(x)[rows], "y": labels, "index": rows})
+
+
+def repaired_jsonl(
+    texts: Sequence[str],
+    y: np.ndarray,
+    ac: ActivationClusteringReport,
+    relabels: Mapping[int, int],
+    mode: RepairMode = "relabel",
+) -> str:
+    """``repaired.jsonl`` for text data: one ``{"text", "label", "index"}`` per kept line."""
+    import json
+
+    rows, labels = repaired_rows(y, ac, relabels, mode)
+    lines = [
+        json.dumps({"text": texts[r], "label": int(lab), "index": int(r)}, ensure_ascii=False)
+        for r, lab in zip(rows.tolist(), labels.tolist(), strict=True)
+    ]
+    return "".join(line + "\n" for line in lines)

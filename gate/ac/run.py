@@ -19,7 +19,7 @@ from gate.ac.extract import LayerRequest
 from gate.ac.options import ACOptions
 from gate.activations import ActivationCache
 from gate.data import Dataset
-from gate.errors import MismatchError, ModelLoadError
+from gate.errors import DataError, MismatchError, ModelLoadError
 from gate.fingerprint.compute import resolve_layer
 from gate.models import LoadedModel
 from gate.policy.model import ActivationClusteringPolicy
@@ -57,6 +57,15 @@ def activation_clustering(
     from gate.progress import Progress
 
     opts = options or ACOptions()
+    labels = np.unique(data.y)
+    if policy.rule in ("exre", "calibrated") and len(labels) < 2:
+        # Exclusionary reclassification asks which *other* class a cluster belongs to: with
+        # one class nothing can be decided, and a check that decided nothing is no pass.
+        raise DataError(
+            f"{data.path}: activation clustering needs at least two classes in the data "
+            f"(rule {policy.rule!r} compares each cluster with the other classes); "
+            f"it holds only class {int(labels[0]) if len(labels) else 'none'}"
+        )
     chosen = resolve_layer(model, layer)
     # Extract in label order, so each class is one run of rows on disk and reads back in one
     # go (bench_scale.py); results are mapped back to the data's rows below.
@@ -96,6 +105,8 @@ def activation_clustering(
                 exre_x=exre_x,
                 exre_hook=opts.exre_hook,
                 on_class=lambda _: bar.update(),
+                input_x=data.x if isinstance(data.x, np.ndarray) else None,
+                input_order=order,
             )
         del streamed, exre_x
     finally:
@@ -108,6 +119,9 @@ def activation_clustering(
                 opts.pictures[c.label] = cluster_picture(c.plane, c.cluster_of, bad)
     if order is not None:
         classes = [to_data_rows(c, order) for c in classes]
+    if opts.relabels is not None:
+        for c in classes:
+            opts.relabels.update(c.relabels)
     if timings is not None:
         timings["extract"] = timings.get("extract", 0.0) + (t1 - t0)
         timings["cluster"] = timings.get("cluster", 0.0) + (time.perf_counter() - t1)
@@ -139,6 +153,7 @@ def activation_clustering(
                 exre_log_odds=c.exre_log_odds,
                 suspected_source=c.suspected_source,
                 found_in=c.found_in,
+                p_value=c.p_value,
                 spectral=None
                 if c.spectral is None
                 else SpectralReport(
@@ -170,19 +185,23 @@ def to_data_rows(c: ClassClustering, order: np.ndarray) -> ClassClustering:
     spectral = c.spectral
     if spectral is not None:
         spectral = replace(spectral, suspicious_indices=rows(spectral.suspicious_indices))
-    return replace(c, suspicious_indices=rows(c.suspicious_indices), spectral=spectral)
+    relabels = tuple(sorted((int(order[i]), label) for i, label in c.relabels))
+    return replace(
+        c, suspicious_indices=rows(c.suspicious_indices), spectral=spectral, relabels=relabels
+    )
 
 
 def ac_config(policy: ActivationClusteringPolicy, opts: ACOptions, seed: int = 0) -> ACConfig:
     """The clustering configuration a policy and the `gate ac` options ask for."""
-    exre = policy.rule == "exre"
+    exre = policy.rule in ("exre", "calibrated")
     separation = policy.separation_threshold
     if separation is None:
         separation = EXRE_SEPARATION_THRESHOLD if exre else SEPARATION_THRESHOLD
     return ACConfig(
         n_components=policy.n_components,
         reduction=opts.reduction,
-        rule="exre" if exre else "separation",
+        rule="calibrated" if policy.rule == "calibrated" else "exre" if exre else "separation",
+        alpha=policy.alpha,
         # Rules other than "exre" judge the smaller side of a split only.
         max_poison_fraction=policy.max_poison_fraction
         if exre
@@ -217,7 +236,7 @@ def _exre_layer(
 
     if opts.exre_layer:
         return LayerRequest(resolve_layer(model, opts.exre_layer), opts.pool)
-    if policy.rule != "exre":
+    if policy.rule not in ("exre", "calibrated"):
         return None
     name = default_exre_layer(model, chosen)
     return None if name is None else LayerRequest(name, pool_wider_than=EXRE_FLAT_MAX)

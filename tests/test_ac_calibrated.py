@@ -1,0 +1,125 @@
+"""Activation clustering, issue 15: the calibrated rule and repaired.npz (real small models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gate.ac.calibrated import p_value
+from gate.ac.clustering import ACConfig, cluster_classes
+from tests.conftest import assert_one_line_error, run_gate
+from tests.test_ac import ENV, _planted, _poisoned_digits, _train_mlp
+
+CALIBRATED = ACConfig(rule="calibrated")
+
+
+@pytest.fixture(scope="module")
+def a2a(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A digits MLP poisoned all-to-all (15 % of every class, l -> l + 1)."""
+    work = tmp_path_factory.mktemp("ac-a2a")
+    x, y, mask = _poisoned_digits(0.15)
+    np.savez(work / "train.npz", x=x, y=y)
+    source = np.where(mask, (y - 1) % 10, y)  # the label each row had before poisoning
+    return {"model": _train_mlp(x, y, work / "model.pt"), "data": work / "train.npz",
+            "mask": mask, "y": y, "source": source}  # fmt: skip
+
+
+def _gate_ac(model: Path, data: Path, out: Path, *extra: str) -> dict[str, Any]:
+    proc = run_gate(
+        "ac", str(model), "--data", str(data), "--report-dir", str(out),
+        "--format", "json", "--quiet", *extra, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr
+    ac: dict[str, Any] = json.loads((out / "report.json").read_text())["activation_clustering"]
+    return ac
+
+
+def test_repaired_npz_relabels_suspicious_rows_as_exre_decides(
+    a2a: dict[str, Any], tmp_path: Path
+) -> None:
+    ac = _gate_ac(a2a["model"], a2a["data"], tmp_path / "one")
+    suspicious = sorted({i for c in ac["classes"] for i in c["suspicious_indices"]})
+    assert len(suspicious) > 50, "the fixture's poison should be found"
+    with np.load(tmp_path / "one" / "repaired.npz", allow_pickle=False) as z:
+        x, y, index = z["x"], z["y"], z["index"]
+    n = len(a2a["y"])
+    original = np.load(a2a["data"])
+    # Rows that were not suspicious are all there, unchanged and in order.
+    others = np.setdiff1d(np.arange(n), suspicious)
+    assert np.isin(others, index).all()
+    assert (np.diff(index) > 0).all() and len(x) == len(y) == len(index)
+    np.testing.assert_array_equal(x, original["x"][index])
+    kept_other = np.isin(index, others)
+    np.testing.assert_array_equal(y[kept_other], a2a["y"][index[kept_other]])
+    # Suspicious rows that are kept carry a new label, and for the poison that is the
+    # class it was stamped from (ExRe in the earlier layer sees the source digit).
+    relabelled = index[~kept_other]
+    assert len(relabelled) >= 0.8 * len(suspicious)
+    assert (y[~kept_other] != a2a["y"][relabelled]).all()
+    poison = a2a["mask"][relabelled]
+    right = y[~kept_other][poison] == a2a["source"][relabelled][poison]
+    # 0.82 measured: an MLP's first hidden layer already carries some of the trigger.
+    assert right.mean() >= 0.75, right.mean()
+    # Deterministic: a second run writes the same bytes.
+    _gate_ac(a2a["model"], a2a["data"], tmp_path / "two")
+    one, two = (tmp_path / d / "repaired.npz" for d in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_repair_drop_and_none(a2a: dict[str, Any], tmp_path: Path) -> None:
+    ac = _gate_ac(a2a["model"], a2a["data"], tmp_path / "drop", "--repair", "drop")
+    suspicious = {i for c in ac["classes"] for i in c["suspicious_indices"]}
+    with np.load(tmp_path / "drop" / "repaired.npz", allow_pickle=False) as z:
+        index, y = z["index"], z["y"]
+    assert len(index) == len(a2a["y"]) - len(suspicious)
+    assert not suspicious & set(index.tolist())
+    np.testing.assert_array_equal(y, a2a["y"][index])
+    _gate_ac(a2a["model"], a2a["data"], tmp_path / "none", "--repair", "none")
+    assert not (tmp_path / "none" / "repaired.npz").exists()
+    proc = run_gate(
+        "ac", str(a2a["model"]), "--data", str(a2a["data"]), "--repair", "shuffle", env=ENV
+    )
+    assert proc.returncode == 2 and "--repair" in proc.stderr
+
+
+def test_calibrated_policy_reports_a_p_value_per_class(a2a: dict[str, Any], tmp_path: Path) -> None:
+    policy = tmp_path / "calibrated.yaml"
+    policy.write_text("name: calibrated\nactivation_clustering:\n  rule: calibrated\n")
+    ac = _gate_ac(a2a["model"], a2a["data"], tmp_path / "cal", "--policy", str(policy))
+    assert ac["rule"] == "calibrated"
+    ps = {c["label"]: c["p_value"] for c in ac["classes"]}
+    assert all(p is not None and 0 <= p <= 1 for p in ps.values()), ps
+    flagged = [c for c in ac["classes"] if c["flagged"]]
+    assert len(flagged) >= 5, ps
+    mask = a2a["mask"]
+    found = np.array(sorted({i for c in flagged for i in c["suspicious_indices"]}))
+    assert mask[found].mean() >= 0.9
+    assert any("calibrated score" in r for c in flagged for r in c["reasons"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("activation_clustering:\n  rule: calibrated\n  alpha: 0\n")
+    assert_one_line_error(run_gate("policy", "validate", str(bad)), "alpha")
+
+
+def test_calibrated_null_comes_from_the_analysed_classes_only() -> None:
+    acts, y, _ = _planted()
+    # A class too small to analyse is reported as such and does not enter the null.
+    acts = np.concatenate([acts, np.ones((5, acts.shape[1]), np.float32)])
+    y = np.concatenate([y, np.full(5, 7, np.int64)])
+    res = {c.label: c for c in cluster_classes(acts, y, CALIBRATED)}
+    assert res[7].skipped is not None and "too small" in res[7].skipped
+    assert res[7].p_value is None and not res[7].flagged
+    analysed = [c for c in res.values() if c.skipped is None]
+    assert all(c.p_value is not None for c in analysed)
+    again = {c.label: c for c in cluster_classes(acts, y, CALIBRATED)}
+    assert [c.p_value for c in again.values()] == [c.p_value for c in res.values()]
+
+
+def test_p_value_is_a_bonferroni_normal_tail() -> None:
+    assert p_value(float("-inf"), 5) == 1.0
+    assert abs(p_value(0.0, 1) - 0.5) < 1e-12
+    assert abs(p_value(3.0, 10) - 10 * 0.0013498980316301) < 1e-9
+    assert p_value(1.0, 100) == 1.0
