@@ -18,6 +18,7 @@ from gate.fingerprint.baseline import (
 )
 from gate.fingerprint.compute import fingerprint_checked, resolve_layer
 from gate.models import LoadedModel, load_model
+from gate.models.base import TextInput
 from gate.policy.evaluate import decide
 from gate.policy.model import Policy
 from gate.report.schema import (
@@ -27,7 +28,9 @@ from gate.report.schema import (
     NearestReference,
     ProbeDeviation,
     Report,
+    TriggerSearchReport,
 )
+from gate.trigger.report import TriggerRequest
 
 TOP_PROBES = 5
 
@@ -139,9 +142,10 @@ def scan(
     cache: ActivationCache | None = None,
     timings: dict[str, float] | None = None,
     ac_options: ACOptions | None = None,
+    trigger: TriggerRequest | None = None,
 ) -> Report:
     """Scan one candidate. ``timings`` (if given) receives load/extract/detect/ac seconds
-    (and ac_extract/ac_cluster, the two parts of ac)."""
+    (and ac_extract/ac_cluster, the two parts of ac, and trigger_search)."""
     if baseline is not None:
         check_min_references(baseline, policy)
     t0 = time.perf_counter()
@@ -171,7 +175,11 @@ def scan(
                 timings[f"ac_{k}"] = timings.get(f"ac_{k}", 0.0) + v
     if timings is not None and data is not None:
         timings["ac"] = timings.get("ac", 0.0) + time.perf_counter() - t_ac
-    decision = decide(policy, fp, ac)
+    t_ts = time.perf_counter()
+    ts = trigger_stage(model, baseline, data, policy, seed, trigger)
+    if timings is not None and ts is not None:
+        timings["trigger_search"] = timings.get("trigger_search", 0.0) + time.perf_counter() - t_ts
+    decision = decide(policy, fp, ac, ts)
     return Report(
         gate_version=__version__,
         verdict=decision.verdict,
@@ -180,8 +188,61 @@ def scan(
         checks=decision.checks,
         fingerprint=fp,
         activation_clustering=ac,
+        trigger_search=ts,
         reasons=decision.reasons,
     )
+
+
+def trigger_stage(
+    model: LoadedModel,
+    baseline: Baseline | None,
+    data: Dataset | TextData | None,
+    policy: Policy,
+    seed: int,
+    request: TriggerRequest | None,
+) -> TriggerSearchReport | None:
+    """Run the trigger search when asked: always without a baseline ("auto"), with one only
+    when it was built with the search (its references calibrate the candidate) or "on"."""
+    from gate.trigger import run_search
+    from gate.trigger.report import build_report, input_range, picture, search_inputs
+
+    if request is None or request.mode == "off":
+        return None
+    calibration = baseline.manifest.trigger_search if baseline is not None else None
+    if baseline is not None and calibration is None and request.mode != "on":
+        return None
+    if isinstance(data, TextData) or isinstance(model, TextInput):
+        return build_report(
+            {"status": "not_run", "reason": "text model: a trigger search over token "
+             "embeddings is not implemented; the check did not run (this is not a pass)"},
+            policy.trigger_search.warn_alpha, None, "none",
+        )
+    shape = request.input_shape
+    if shape is None and data is None and baseline is not None:
+        shape = tuple(baseline.manifest.input_shape)
+    options = calibration.options if calibration is not None else request.options()
+    x, y, inputs = search_inputs(
+        data.x if isinstance(data, Dataset) else None,
+        data.y if isinstance(data, Dataset) else None,
+        shape,
+        seed,
+    )
+    options = dict(options)
+    if options.get("input_range") is None:  # a baseline's stored range wins: same box
+        options["input_range"] = input_range(data.x if isinstance(data, Dataset) else None)
+    result = run_search(model, x, y, options, seed)
+    refs = calibration.reference_scores if calibration is not None else None
+    if calibration is not None and inputs != calibration.inputs:
+        raise MismatchError(
+            f"the baseline's trigger search ran on {calibration.inputs} inputs, this scan's on "
+            f"{inputs} inputs; give the same kind (--data or --input-shape) as the baseline"
+        )
+    report = build_report(result, policy.trigger_search.warn_alpha, refs, inputs)
+    if report.status == "ok" and report.suspected_target is not None:
+        png = picture(result, report.suspected_target, x)
+        if png is not None:
+            request.pictures[f"trigger-search-class-{report.suspected_target}.png"] = png
+    return report
 
 
 def _reference_top_classes(

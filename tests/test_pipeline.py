@@ -138,7 +138,11 @@ def test_github_env_writes_summary_outputs_annotations(
         "report-dir": str(out),
     }
     assert summary.read_text() == (out / "summary.md").read_text()
-    annotations = [line for line in proc.stdout.splitlines() if line.startswith("::")]
+    # Everything runs inside ::stop-commands::TOKEN; gate's annotations follow ::TOKEN::.
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("::")]
+    token = commands[0].removeprefix("::stop-commands::")
+    assert len(token) == 32 and commands[1] == f"::{token}::", commands[:2]
+    annotations = commands[2:]
     model = str(demo_models["backdoored"])
     expected = [
         ("error" if c["status"] == "fail" else "warning", c["message"])
@@ -176,8 +180,8 @@ def test_no_github_env_writes_nothing(
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
-    # Only the report directory and the activation cache (.gate-cache, see README).
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".gate-cache", "rep"]
+    # Only the report directory: the activation cache is never in the working directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
 
 
 def test_step_summary_is_truncated(tmp_path: Path) -> None:
@@ -338,6 +342,8 @@ def test_action_inputs_and_outputs() -> None:
         "model",
         "baseline",
         "data",
+        "input-shape",
+        "trigger-budget",
         "policy",
         "formats",
         "report-dir",

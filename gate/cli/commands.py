@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,15 +11,32 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# GitHub's workflow commands and step files (gate.cli.github), re-exported for callers.
+from gate.cli.github import STEP_SUMMARY_LIMIT as STEP_SUMMARY_LIMIT
+from gate.cli.github import _append_outputs as _append_outputs
+from gate.cli.github import _append_step_summary as _append_step_summary
+from gate.cli.github import _escape_data as _escape_data
+from gate.cli.github import _escape_property as _escape_property
+from gate.cli.github import github_annotations, github_outputs
+from gate.cli.reportdir import ReportWrite as _ReportWrite
+from gate.cli.reportdir import check_report_dir
+
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from gate.ac.options import ACOptions
     from gate.activations import ActivationCache
     from gate.data import Dataset
     from gate.fingerprint.baseline import Baseline, BaselineManifest
     from gate.policy.model import Policy
-    from gate.report.schema import CheckResult, Report
+    from gate.report.schema import Report
 
-STEP_SUMMARY_LIMIT = 1024 * 1024
+
+def _h(text: object) -> str:
+    """Untrusted text (paths, layer names) for a printed line: see gate.report.escape."""
+    from gate.report.escape import human
+
+    return human(text)
 
 
 def baseline_build(args: argparse.Namespace) -> int:
@@ -40,13 +58,17 @@ def baseline_build(args: argparse.Namespace) -> int:
         "cache": _cache(args),
         "quiet": args.quiet,
     }
+    if getattr(args, "trigger_search", False):
+        from gate.trigger.report import budget_options
+
+        options["trigger_options"] = budget_options(args.trigger_budget)
     out = Path(args.out)
     if args.shard is not None:
         shard = build_baseline_shard(args.models, args.shard, **options)
         save_shard(out, shard.manifest, shard.fingerprints, shard.probes)
         sm = shard.manifest
         print(
-            f"baseline shard {sm.shard}/{sm.shard_count} written to {out}: "
+            f"baseline shard {sm.shard}/{sm.shard_count} written to {_h(out)}: "
             f"{len(sm.references)} of {sm.total_references} references; "
             "combine the shards with `gate baseline merge`"
         )
@@ -71,8 +93,8 @@ def baseline_merge(args: argparse.Namespace) -> int:
 
 def _report_baseline(out: Path, m: BaselineManifest) -> None:
     print(
-        f"baseline written to {out}: {len(m.references)} references, layer {m.layer!r}, "
-        f"representation {m.representation}, {m.probes.count} probes"
+        f"baseline written to {_h(out)}: {len(m.references)} references, "
+        f"layer {_h(repr(m.layer))}, representation {m.representation}, {m.probes.count} probes"
     )
     if len(m.references) < 10:
         print(
@@ -84,9 +106,11 @@ def _report_baseline(out: Path, m: BaselineManifest) -> None:
 def _cache(args: argparse.Namespace) -> ActivationCache | None:
     if getattr(args, "no_cache", False):
         return None
-    from gate.activations import DEFAULT_CACHE_DIR, ActivationCache
+    from gate.activations import ActivationCache
 
-    return ActivationCache(getattr(args, "cache_dir", None) or DEFAULT_CACHE_DIR)
+    # The default lives in the user's cache directory, not the working directory; entries
+    # are keyed and authenticated with a secret kept there (README, "Threat model").
+    return ActivationCache.open(getattr(args, "cache_dir", None))
 
 
 def baseline_show(args: argparse.Namespace) -> int:
@@ -107,8 +131,34 @@ def scan(args: argparse.Namespace) -> int:
     if args.fail_alpha is not None:
         policy = _with_fail_alpha(policy, args.fail_alpha)
     formats = parse_formats(args.format)
-    baseline = load_baseline(args.baseline)
+    check_report_dir(Path(args.report_dir))  # before the slow part
+    if args.baseline is None and args.data is None and args.input_shape is None:
+        from gate.errors import UsageError
+
+        raise UsageError(
+            "give --baseline DIR, or --data DATA.npz / --input-shape C,H,W for the trigger "
+            "search without a baseline"
+        )
+    if args.baseline is None and args.trigger_search == "off":
+        from gate.errors import UsageError
+
+        raise UsageError("--trigger-search off needs --baseline: nothing else would run")
+    baseline = load_baseline(args.baseline) if args.baseline is not None else None
     data = _load_data(args.data)
+    shape = getattr(data, "input_shape", None)
+    if args.input_shape is not None and shape is not None and tuple(args.input_shape) != shape:
+        from gate.errors import UsageError
+
+        raise UsageError(
+            f"--input-shape {','.join(map(str, args.input_shape))} contradicts --data's shape "
+            f"{','.join(map(str, shape))}"
+        )
+    from gate.trigger.report import TriggerRequest, budget_options
+
+    budget_options(args.trigger_budget)  # a bad budget fails before the slow part
+    args.trigger_request = TriggerRequest(
+        mode=args.trigger_search, budget=args.trigger_budget, input_shape=args.input_shape
+    )
     from gate.ac.options import ACOptions
 
     pictures: dict[int, bytes] = {}
@@ -125,7 +175,9 @@ def _write_timing(
     timings: dict[str, float],
     started: float,
     cache: ActivationCache | None,
-    order: tuple[str, ...] = ("setup", "load", "extract", "detect", "ac", "report"),
+    order: tuple[str, ...] = (
+        "setup", "load", "extract", "detect", "ac", "trigger_search", "report"
+    ),
 ) -> None:
     """timing.json: wall seconds per stage. Kept out of report.json, which is deterministic."""
     from gate._io import write_text_atomic
@@ -136,7 +188,8 @@ def _write_timing(
         "cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
         "threads": _torch_threads(),
     }
-    write_text_atomic(report_dir / "timing.json", json.dumps(doc, indent=2) + "\n")
+    with _ReportWrite(report_dir):
+        write_text_atomic(report_dir / "timing.json", json.dumps(doc, indent=2) + "\n")
 
 
 def _threads(args: argparse.Namespace) -> int | None:
@@ -158,11 +211,14 @@ def ac(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     # `gate ac` is a scan with activation clustering only: fingerprinting is not asked for.
     policy = policy.model_copy(update={"required_checks": ("activation_clustering",)})
+    check_report_dir(Path(args.report_dir))  # before the slow part
     data = _load_data(args.data)
     from gate.ac.options import ACOptions, load_hook, parse_class_selection
 
     pictures: dict[int, bytes] = {}
+    relabels: dict[int, int] = {}
     options = ACOptions(
+        relabels=relabels,
         reduction=args.reduction,
         segment_by=args.segment_by,
         pool=args.pool,
@@ -178,10 +234,32 @@ def ac(args: argparse.Namespace) -> int:
     report, timings, cache, report_dir = _run_and_report(
         args, None, data, policy, formats, options, pictures, started
     )
+    with _ReportWrite(report_dir):
+        _write_repaired(report, report_dir, data, relabels, args.repair)
     timings["extract"], timings["cluster"] = timings["ac_extract"], timings["ac_cluster"]
     order = ("setup", "load", "extract", "cluster", "report")
     _write_timing(report_dir, timings, started, cache, order)
     return 1 if report.verdict == "fail" else 0
+
+
+def _write_repaired(
+    report: Report, report_dir: Path, data: object, relabels: dict[int, int], mode: str
+) -> None:
+    """repaired.npz (or repaired.jsonl for text data): the training set with the suspicious
+    rows relabelled as ExRe decides, or dropped (``--repair``)."""
+    from gate._io import write_bytes_atomic, write_text_atomic
+    from gate.ac.outputs import repaired_jsonl, repaired_npz
+    from gate.data import Dataset, TextData
+
+    ac = report.activation_clustering
+    if ac is None or mode == "none":
+        return
+    if isinstance(data, Dataset):
+        npz = repaired_npz(data.x, data.y, ac, relabels, mode)
+        write_bytes_atomic(report_dir / "repaired.npz", npz)
+    elif isinstance(data, TextData):
+        text = repaired_jsonl(data.texts, data.y, ac, relabels, mode)
+        write_text_atomic(report_dir / "repaired.jsonl", text)
 
 
 def ac_merge(args: argparse.Namespace) -> int:
@@ -198,14 +276,27 @@ def ac_merge(args: argparse.Namespace) -> int:
     report_dir = Path(args.report_dir)
     if any(Path(p).resolve() == report_dir.resolve() for p in args.parts):
         raise UsageError(f"--report-dir {report_dir} is one of the parts; pick a new directory")
+    check_report_dir(report_dir)
     report = merge_parts([(p, read_part(p)) for p in args.parts], policy)
-    _emit(report, formats, report_dir, quiet=args.quiet)
-    write_ac_files(report, report_dir)
-    # Pictures were drawn by the job that clustered the class: carry them over.
-    for part in args.parts:
-        for png in sorted(Path(part).glob("ac-class-*.png")):
-            shutil.copyfile(png, report_dir / png.name)
+    with _ReportWrite(report_dir):
+        _emit(report, formats, report_dir, quiet=args.quiet)
+        write_ac_files(report, report_dir)
+        # Pictures were drawn by the job that clustered the class: carry them over.
+        for part in args.parts:
+            for png in sorted(Path(part).glob("ac-class-*.png")):
+                shutil.copyfile(png, report_dir / png.name)
     return 1 if report.verdict == "fail" else 0
+
+
+def _policy_timeout(args: argparse.Namespace, policy: Policy) -> AbstractContextManager[object]:
+    """The policy's ``timeout_seconds`` for the model's sandbox, unless --timeout was given."""
+    import contextlib
+
+    if getattr(args, "timeout", None) is not None:
+        return contextlib.nullcontext()
+    from gate.sandbox import current_options, use_sandbox
+
+    return use_sandbox(dataclasses.replace(current_options(), timeout=policy.timeout_seconds))
 
 
 def _run_and_report(
@@ -223,21 +314,30 @@ def _run_and_report(
 
     timings: dict[str, float] = {"setup": time.perf_counter() - started}
     cache = _cache(args)
-    report = run_scan(
-        args.model,
-        baseline,
-        data,
-        policy,
-        layer=args.layer,
-        seed=args.seed,
-        cache=cache,
-        timings=timings,
-        ac_options=ac_options,
-    )
+    with _policy_timeout(args, policy):
+        report = run_scan(
+            args.model,
+            baseline,
+            data,
+            policy,
+            layer=args.layer,
+            seed=args.seed,
+            cache=cache,
+            timings=timings,
+            ac_options=ac_options,
+            trigger=getattr(args, "trigger_request", None),
+        )
     t_report = time.perf_counter()
     report_dir = Path(args.report_dir)
-    _emit(report, formats, report_dir, quiet=args.quiet)
-    write_ac_files(report, report_dir, data, pictures)
+    with _ReportWrite(report_dir):
+        _emit(report, formats, report_dir, quiet=args.quiet)
+        write_ac_files(report, report_dir, data, pictures)
+        request = getattr(args, "trigger_request", None)
+        if request is not None:
+            from gate._io import write_bytes_atomic
+
+            for name, png in sorted(request.pictures.items()):
+                write_bytes_atomic(report_dir / name, png)
     timings["report"] = time.perf_counter() - t_report
     return report, timings, cache, report_dir
 
@@ -295,14 +395,14 @@ def inspect(args: argparse.Namespace) -> int:
             raise UsageError("--input-shape does not apply to a text model; use --data TEXTS.jsonl")
         data = model_input(model, TextData(("gate inspect",), np.zeros(1, np.int64), "(text)"))
         shape = data.input_shape
-    print(f"{model.path}  format={model.format}  sha256={model.sha256}")
+    print(f"{_h(model.path)}  format={model.format}  sha256={model.sha256}")
     if text:
         print(f"  text model: inputs are token ids and attention mask, {shape[-1]} tokens at most")
     names = model.layer_names()
     default = model.default_layer() if _has_default(model) else None
     if shape is None:
         for name in names:
-            print(f"  {name}{'  <- default' if name == default else ''}")
+            print(f"  {_h(name)}{'  <- default' if name == default else ''}")
         print("(pass --input-shape C,H,W or --data to see output shapes)")
         return 0
     probe = np.zeros((1, *shape), dtype=np.float32) if data is None else data.x[:1]
@@ -313,12 +413,16 @@ def inspect(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         hint = "" if text else " (is --input-shape right?)"
         raise UsageError(f"{exc}{hint}") from None
-    kinds: dict[str, str] = getattr(model, "layer_kinds", dict)()
+    raw_kinds: dict[str, str] = getattr(model, "layer_kinds", dict)()
+    kinds = {_h(n): _h(k) for n, k in raw_kinds.items()}
+    shapes = {_h(n): res.activations[n].shape[1:] for n in names}
+    default = None if default is None else _h(default)
+    names = [_h(n) for n in names]  # ONNX value names are the model author's text
     width = max((len(n) for n in names), default=10)
     kw = max([24, *(len(kinds.get(n, "")) for n in names)])
     print(f"  {'layer'.ljust(width)}  {'kind'.ljust(kw)}  output shape")
     for name in names:
-        shp = "x".join(str(d) for d in res.activations[name].shape[1:])
+        shp = "x".join(str(d) for d in shapes[name])
         mark = "  <- default (last hidden layer)" if name == default else ""
         print(f"  {name.ljust(width)}  {kinds.get(name, '').ljust(kw)}  {shp}{mark}")
     out_shape = "x".join(str(d) for d in res.outputs.shape[1:])
@@ -349,7 +453,7 @@ def policy_validate(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise PolicyError(f"policy file not found: {args.file}")
     policy = load_policy(args.file)
-    print(f"{args.file}: valid policy {policy.name!r}")
+    print(f"{_h(args.file)}: valid policy {_h(repr(policy.name))}")
     return 0
 
 
@@ -406,69 +510,25 @@ def write_reports(report: Report, formats: list, report_dir: Path) -> list[Path]
 
 
 def _emit(report: Report, formats: list, report_dir: Path, quiet: bool) -> None:  # type: ignore[type-arg]
+    from gate.report.escape import emit_workflow_commands
     from gate.report.formats import FORMATS
 
     written = write_reports(report, formats, report_dir)
-    summary = FORMATS["markdown"].render(report)
+    summary = FORMATS["markdown"].render(report)  # names in it are escaped
     if not quiet:
         print(summary)
-        print(f"reports: {', '.join(str(p) for p in written)}")
+        print(f"reports: {', '.join(_h(p) for p in written)}")
     if os.environ.get("GITHUB_ACTIONS") == "true":
-        for line in github_annotations(report):
-            print(line)
+        # Outside the run's ::stop-commands:: wrap, so that GitHub acts on them.
+        emit_workflow_commands(github_annotations(report))
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        _append_step_summary(Path(step_summary), summary)
-    output = os.environ.get("GITHUB_OUTPUT")
-    if output:
-        _append_outputs(Path(output), github_outputs(report, report_dir))
+    try:
+        if step_summary:
+            _append_step_summary(Path(step_summary), summary)
+        output = os.environ.get("GITHUB_OUTPUT")
+        if output:
+            _append_outputs(Path(output), github_outputs(report, report_dir))
+    except OSError as exc:
+        from gate.errors import UsageError
 
-
-def github_annotations(report: Report) -> list[str]:
-    """Workflow commands: ``::error`` for each failing check, ``::warning`` for each warning."""
-    kinds = {"fail": "error", "warn": "warning"}
-    path = report.model.path
-    return [
-        f"::{kinds[c.status]} file={_escape_property(path)},"
-        f"title={_escape_property(_annotation_title(c))}::{_escape_data(c.message)}"
-        for c in report.checks
-        if c.status in kinds
-    ]
-
-
-def github_outputs(report: Report, report_dir: Path) -> dict[str, str]:
-    score = report.fingerprint.anomaly_score if report.fingerprint is not None else None
-    return {
-        "verdict": report.verdict,
-        "anomaly-score": "" if score is None else f"{score:.6g}",
-        "report-dir": str(report_dir),
-    }
-
-
-def _annotation_title(check: CheckResult) -> str:
-    return f"gate {check.name}: {check.status}"
-
-
-def _escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _escape_property(text: str) -> str:
-    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
-def _append_outputs(path: Path, values: dict[str, str]) -> None:
-    lines = "".join(f"{key}={value.replace(chr(10), ' ')}\n" for key, value in values.items())
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(lines)
-
-
-def _append_step_summary(path: Path, text: str) -> None:
-    data = text.encode("utf-8")
-    if len(data) > STEP_SUMMARY_LIMIT - 1024:
-        note = (
-            "\n\n_(summary truncated to fit GitHub's 1 MiB step-summary limit; see report.json)_\n"
-        )
-        data = data[: STEP_SUMMARY_LIMIT - 1024].decode("utf-8", "ignore").encode() + note.encode()
-    with open(path, "ab") as fh:
-        fh.write(data)
+        raise UsageError(f"cannot append to GitHub's step files: {exc.strerror or exc}") from None

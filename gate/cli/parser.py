@@ -10,7 +10,9 @@ from gate.cli import commands
 DEFAULT_REPORT_DIR = "gate-report"
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def _shape(text: str) -> tuple[int, ...] | None:
+    if not text.strip():
+        return None  # empty counts as not given (CI templates pass '--input-shape=')
     try:
         dims = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -78,9 +80,74 @@ def _add_perf_options(p: argparse.ArgumentParser) -> None:
         type=_optional,
         default=None,
         metavar="DIR",
-        help="activation cache (default: .gate-cache/activations)",
+        help="activation cache (default: ~/.cache/gate/activations; README: Threat model)",
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 604800 seconds, got {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB, got {text!r}") from None
+    if value < 0 or (0 < value < 256):
+        raise argparse.ArgumentTypeError(f"must be 0 (no cap) or at least 256 MiB, got {text!r}")
+    return value
+
+
+def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
+    """--timeout and --memory-limit: the limits of the sandboxed process that runs the model."""
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wall-clock limit for each model's sandboxed process (default: the policy's "
+        "timeout_seconds, 900)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=_megabytes,
+        default=None,
+        metavar="MIB",
+        help="address-space cap of the model's process (default: physical memory; 0: none)",
+    )
+
+
+def _add_trigger_options(p: argparse.ArgumentParser, build: bool = False) -> None:
+    """The trigger search's options (gate/trigger): scan and baseline build."""
+    if build:
+        p.add_argument(
+            "--trigger-search",
+            action="store_true",
+            help="also run the trigger search on every reference and store its scores, so "
+            "that scans against this baseline calibrate the candidate's search conformally",
+        )
+    else:
+        p.add_argument(
+            "--trigger-search",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="auto (default): run it without --baseline, or with a baseline built with "
+            "--trigger-search; on: always; off: never",
+        )
+    p.add_argument(
+        "--trigger-budget",
+        type=_optional,  # checked by the command: a bad value is a one-line error
+        metavar="STEPS",
+        help="bound the trigger search: STEPS mask-search steps, 2/3 of that for the "
+        "max-margin search (default 150)",
+    )
 
 
 def _add_arch_options(p: argparse.ArgumentParser) -> None:
@@ -152,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         "directory; combine the N shards with `gate baseline merge`",
     )
     build.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_trigger_options(build, build=True)
     _add_perf_options(build)
     _add_arch_options(build)
+    _add_sandbox_options(build)
     build.set_defaults(handler=commands.baseline_build)
     merge = blsub.add_parser(
         "merge", help="combine the shards of `baseline build --shard` into one baseline"
@@ -169,7 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
         "scan", help="scan a candidate model against a baseline and apply a policy"
     )
     scan.add_argument("model", metavar="MODEL")
-    scan.add_argument("--baseline", required=True, metavar="DIR")
+    scan.add_argument(
+        "--baseline",
+        type=_optional,
+        metavar="DIR",
+        help="baseline of known-clean models; without it the trigger search (a within-model "
+        "null) decides, on --data or --input-shape inputs",
+    )
+    scan.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="per-sample input shape for the trigger search without --data (inputs in [0, 1])",
+    )
     scan.add_argument(
         "--data",
         type=_optional,
@@ -203,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--quiet", action="store_true", help="do not print the summary")
+    _add_trigger_options(scan)
     _add_perf_options(scan)
     _add_arch_options(scan)
+    _add_sandbox_options(scan)
     scan.set_defaults(handler=commands.scan)
 
     ac = sub.add_parser("ac", help="per-class activation clustering on a training set")
@@ -244,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="full ExRe: f(x_train, y_train, x_cluster) -> labels (a trusted import path)",
     )
     ac.add_argument(
+        "--repair",
+        choices=("relabel", "drop", "none"),
+        default="relabel",
+        help="repaired.npz: suspicious rows relabelled to the class ExRe puts them in "
+        "(default), dropped, or no repaired.npz",
+    )
+    ac.add_argument(
         "--classes",
         metavar="LABELS|I/N",
         help="cluster only these classes (0,3,7) or shard I of N of the labels present; "
@@ -251,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_perf_options(ac)
     _add_arch_options(ac)
+    _add_sandbox_options(ac)
     ac.set_defaults(handler=commands.ac)
 
     ac_merge = sub.add_parser(
@@ -272,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", metavar="DATA", help="take the input shape (text models: a text) from this data"
     )
     _add_arch_options(inspect)
+    _add_sandbox_options(inspect)
     inspect.set_defaults(handler=commands.inspect)
 
     demo = sub.add_parser(

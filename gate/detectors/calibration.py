@@ -30,7 +30,7 @@ TAIL_FRACTION = 0.25
 TAIL_MIN = 3
 
 
-def p_value(score: float, calibration: Sequence[float]) -> float:
+def p_value(score: float, calibration: Sequence[float], min_scale: float = 0.0) -> float:
     """Conformal rank p-value inside the calibration range, exponential-tail extrapolation
     beyond it.
 
@@ -51,7 +51,9 @@ def p_value(score: float, calibration: Sequence[float]) -> float:
         return 1.0 / (n + 1)
     k = min(max(TAIL_MIN, round(TAIL_FRACTION * n)), n - 1)
     excess = float(np.mean(cal[-k:] - cal[-k - 1]))
-    scale = max(excess, 1e-12, abs(top) * 1e-9)
+    # ``min_scale``: a floor in the score's own units for calibration sets whose top scores
+    # tie (e.g. every reference at the same floor value), where the fitted scale is 0.
+    scale = max(excess, 1e-12, abs(top) * 1e-9, min_scale)
     return float(min(1.0, max(math.exp(-(score - top) / scale) / (n + 1), 1e-300)))
 
 

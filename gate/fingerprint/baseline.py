@@ -20,9 +20,10 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gate._io import write_npz, write_text_atomic
+from gate._io import check_npz, write_npz, write_text_atomic
 from gate._version import __version__
-from gate.errors import BaselineError
+from gate.data import json_value_problem
+from gate.errors import BaselineError, first_line
 from gate.fingerprint.probes import PROBE_KINDS, ProbeSet, probe_hash
 from gate.models.base import Array
 
@@ -33,6 +34,7 @@ DETECTOR_PREFIX = "detector."
 PROBE_TEXTS = "probe_texts"  # text models' probe texts (UTF-8 JSON list as uint8)
 SCHEMA_VERSION = 1
 MIN_REFERENCES = 3
+MAX_ABS_VALUE = 1e30  # far beyond any log-probability, activation statistic or score
 
 
 class _Frozen(BaseModel):
@@ -61,6 +63,14 @@ class DetectorCalibration(_Frozen):
     calibration_scores: list[float]
 
 
+class TriggerCalibration(_Frozen):
+    """Every reference's trigger-search scores (``gate baseline build --trigger-search``)."""
+
+    options: dict[str, Any]
+    inputs: str = Field(description="'data' (from --data) or 'synthetic' (--input-shape)")
+    reference_scores: list[dict[str, float]]
+
+
 class _FamilyManifest(_Frozen):
     """What identifies a model family's fingerprints; shared by baselines and their shards."""
 
@@ -75,6 +85,7 @@ class _FamilyManifest(_Frozen):
     probes: ProbeInfo
     references: list[ReferenceInfo]
     seed: int
+    trigger_search: TriggerCalibration | None = None
 
 
 class BaselineManifest(_FamilyManifest):
@@ -205,14 +216,23 @@ def _read_manifest(mfile: Path, cls: type[_M], what: str) -> _M:
         return cls.model_validate(raw)
     except json.JSONDecodeError as exc:
         raise BaselineError(f"{mfile}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaselineError(f"{mfile}: cannot read the {what} manifest ({exc})") from None
+    except RecursionError:
+        raise BaselineError(f"{mfile}: the {what} manifest is nested too deeply") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
         raise BaselineError(f"{mfile}: invalid {what} manifest at {where}: {err['msg']}") from None
+    except ValueError as exc:  # after ValidationError (a subclass): e.g. a 5000-digit integer
+        raise BaselineError(
+            f"{mfile}: invalid {what} manifest: {json_value_problem(exc)}"
+        ) from None
 
 
 def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet, dict[str, Array]]:
     try:
+        check_npz(d / ARRAYS)  # headers against sizes, before numpy allocates what they declare
         with np.load(d / ARRAYS, allow_pickle=False) as npz:
             fps = np.asarray(npz["fingerprints"], dtype=np.float32)
             x = np.asarray(npz["probes"], dtype=np.float32)
@@ -224,7 +244,13 @@ def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet, dict[str
                 if k.startswith(DETECTOR_PREFIX)
             }
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise BaselineError(f"{d / ARRAYS}: unreadable baseline arrays ({exc})") from None
+        raise BaselineError(
+            f"{d / ARRAYS}: unreadable baseline arrays ({first_line(exc)})"
+        ) from None
+    except MemoryError:
+        raise BaselineError(f"{d / ARRAYS}: baseline arrays too large to load") from None
+    _check_values(d / ARRAYS, "fingerprints", fps)
+    _check_values(d / ARRAYS, "probes", x)
     if probe_hash(x) != probes_sha256:
         raise BaselineError(
             f"{d}: stored probes do not match the manifest's probe hash (tampered or corrupt)"
@@ -235,8 +261,25 @@ def _read_arrays(d: Path, probes_sha256: str) -> tuple[Array, ProbeSet, dict[str
     odd = [k for k, v in state.items() if v.dtype.kind not in "fiu"]
     if odd:
         raise BaselineError(f"{d / ARRAYS}: detector array {odd[0]!r} is not numeric")
+    for key, value in sorted(state.items()):
+        _check_values(d / ARRAYS, f"detector array {key!r}", value)
     texts = _read_texts(d, texts_raw, len(x))
     return fps, ProbeSet(x=x, kinds=kinds, sha256=probes_sha256, texts=texts), state
+
+
+def _check_values(where: Path, what: str, values: Any) -> None:
+    """Refuse NaN, infinities and magnitudes no real fingerprint reaches: NaN or 1e308 in
+    a baseline made every p-value 1.0, so any candidate passed."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu" or arr.size == 0:
+        return
+    as_float = arr.astype(np.float64)
+    if not np.all(np.isfinite(as_float)):
+        raise BaselineError(f"{where}: {what} contain NaN or infinite values (corrupt or tampered)")
+    if float(np.max(np.abs(as_float))) > MAX_ABS_VALUE:
+        raise BaselineError(
+            f"{where}: {what} hold values beyond +-{MAX_ABS_VALUE:g} (corrupt or tampered)"
+        )
 
 
 def _texts_array(probes: ProbeSet) -> dict[str, Array]:
@@ -269,6 +312,8 @@ def load_baseline(path: str | Path) -> Baseline:
             f"{d}: not a gate baseline (no {MANIFEST}); build one with `gate baseline build`"
         )
     manifest = _read_manifest(mfile, BaselineManifest, "baseline")
+    for det in manifest.detectors:
+        _check_values(mfile, f"calibration scores of detector {det.name!r}", det.calibration_scores)
     fps, probes, state = _read_arrays(d, manifest.probes.sha256)
     n_refs = len(manifest.references)
     expected = sum(r * c for r, c in manifest.blocks)

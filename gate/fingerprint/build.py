@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from gate.fingerprint.baseline import (
     ProbeInfo,
     ReferenceInfo,
     ShardManifest,
+    TriggerCalibration,
     data_digest,
     reference_names,
     save_baseline,
@@ -56,8 +58,12 @@ def build_baseline(
     detectors: Sequence[str] = DEFAULT_DETECTORS,
     cache: ActivationCache | None = None,
     quiet: bool = True,
+    trigger_options: dict[str, Any] | None = None,
 ) -> BaselineBuild:
-    """Fingerprint every reference and calibrate the ensemble (leave-one-out)."""
+    """Fingerprint every reference and calibrate the ensemble (leave-one-out).
+
+    With ``trigger_options`` (``--trigger-search``) every reference is also searched for
+    triggers and its model-level scores stored, to calibrate candidates' searches."""
     shard = build_baseline_shard(
         model_paths,
         (1, 1),
@@ -69,6 +75,7 @@ def build_baseline(
         detectors,
         cache=cache,
         quiet=quiet,
+        trigger_options=trigger_options,
     )
     return merge_baseline_shards([shard])
 
@@ -93,6 +100,7 @@ def build_baseline_shard(
     detectors: Sequence[str] = DEFAULT_DETECTORS,
     cache: ActivationCache | None = None,
     quiet: bool = True,
+    trigger_options: dict[str, Any] | None = None,
 ) -> BaselineShard:
     """Fingerprint slice ``shard`` = (I, N) of ``model_paths`` (see :func:`shard_slice`).
 
@@ -112,10 +120,15 @@ def build_baseline_shard(
     prints: list[Fingerprint] = []
     shas: list[str] = []
     layer_used: str | None = None
+    trigger_scores: list[dict[str, float]] = []
+    trigger_cal = None
+    if trigger_options is not None:
+        trigger_cal = _trigger_setup(data, shape, trigger_options, seed)
     with Progress(len(positions), "fingerprinting references", unit="models", quiet=quiet) as bar:
         for pos in positions:
             path = model_paths[pos]
-            model = first if pos == 0 and first is not None else load_model(path)
+            more = pos != positions[-1]
+            model = first if pos == 0 and first is not None else load_model(path, more=more)
             chosen = resolve_layer(model, layer)
             fp = fingerprint_checked(
                 model, probes, chosen, rep, what="reference model", cache=cache
@@ -131,6 +144,8 @@ def build_baseline_shard(
             prints.append(fp)
             shas.append(model.sha256)
             layer_used = layer_used or chosen
+            if trigger_cal is not None:
+                trigger_scores.append(_trigger_scores(model, path, trigger_cal, seed))
             bar.update()
     manifest = ShardManifest(
         gate_version=__version__,
@@ -157,6 +172,11 @@ def build_baseline_shard(
         ],
         detectors=list(detectors),
         seed=seed,
+        trigger_search=None
+        if trigger_cal is None
+        else TriggerCalibration(
+            options=trigger_cal[0], inputs=trigger_cal[3], reference_scores=trigger_scores
+        ),
     )
     matrix = np.stack([fp.vector for fp in prints]).astype(np.float32)
     return BaselineShard(manifest, matrix, probes, "")
@@ -216,6 +236,7 @@ def merge_baseline_shards(shards: Sequence[BaselineShard]) -> BaselineBuild:
         raise BaselineError(
             f"shards cover references {positions}, expected 0..{first.total_references - 1}"
         )
+    trigger = _merge_trigger(ordered)
     matrix = np.concatenate([s.fingerprints for s in ordered]).astype(np.float32)
     blocks = tuple((int(r), int(c)) for r, c in first.blocks)
     ensemble = CalibratedEnsemble(first.detectors, blocks, seed=first.seed).fit(matrix)
@@ -238,8 +259,65 @@ def merge_baseline_shards(shards: Sequence[BaselineShard]) -> BaselineBuild:
             for name in first.detectors
         ],
         seed=first.seed,
+        trigger_search=trigger,
     )
     return BaselineBuild(manifest, matrix, ordered[0].probes, ensemble.state())
+
+
+TriggerSetup = tuple[dict[str, Any], np.ndarray, "np.ndarray | None", str]
+
+
+def _trigger_setup(
+    data: Dataset | TextData | None,
+    shape: tuple[int, ...],
+    options: dict[str, Any],
+    seed: int,
+) -> TriggerSetup:
+    """The search's options and inputs, the same for every reference (and, via the stored
+    options, for every candidate scanned against the baseline)."""
+    from gate.trigger.report import input_range, search_inputs
+    from gate.trigger.search import options_checked
+
+    if isinstance(data, TextData):
+        raise UsageError(
+            "--trigger-search: text models are not supported by the trigger search yet"
+        )
+    opts = options_checked(options)
+    if data is not None:
+        x, y, inputs = search_inputs(data.x, data.y, None, seed)
+    else:
+        x, y, inputs = search_inputs(None, None, shape, seed)
+    opts["input_range"] = input_range(data.x if data is not None else None)
+    return opts, x, y, inputs
+
+
+def _trigger_scores(
+    model: LoadedModel, path: str, setup: TriggerSetup, seed: int
+) -> dict[str, float]:
+    from gate.trigger import run_search
+    from gate.trigger.stats import model_scores
+
+    opts, x, y, _inputs = setup
+    result = run_search(model, x, y, opts, seed)
+    if result.get("status") != "ok":
+        raise UsageError(f"{path}: --trigger-search did not run: {result.get('reason')}")
+    return {k: round(v, 9) for k, v in model_scores(result).items()}
+
+
+def _merge_trigger(ordered: Sequence[BaselineShard]) -> TriggerCalibration | None:
+    cals = [s.manifest.trigger_search for s in ordered]
+    if all(c is None for c in cals):
+        return None
+    first = cals[0]
+    if first is None or any(
+        c is None or c.options != first.options or c.inputs != first.inputs for c in cals
+    ):
+        raise BaselineError(
+            "shards disagree on --trigger-search (some have it, or with other options); "
+            "build every shard with the same options"
+        )
+    scores = [r for c in cals if c is not None for r in c.reference_scores]
+    return TriggerCalibration(options=first.options, inputs=first.inputs, reference_scores=scores)
 
 
 def _probe_set(

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CheckName = Literal["fingerprint", "activation_clustering"]
+CheckName = Literal["fingerprint", "activation_clustering", "trigger_search"]
 Severity = Literal["fail", "warn", "off"]
 
 
@@ -33,11 +33,33 @@ class FingerprintPolicy(_Strict):
         return self
 
 
+class TriggerSearchPolicy(_Strict):
+    fail_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Fail when the trigger search's p-value (within-model null without a "
+        "baseline, conformal against the references' searches with one) is below this.",
+    )
+    warn_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Warn when the trigger search's p-value is below this."
+    )
+
+    @model_validator(mode="after")
+    def _alphas_ordered(self) -> TriggerSearchPolicy:
+        if self.warn_alpha < self.fail_alpha:
+            raise ValueError("warn_alpha must be >= fail_alpha")
+        return self
+
+
 class ActivationClusteringPolicy(_Strict):
-    rule: Literal["exre", "separation", "silhouette"] = Field(
+    rule: Literal["exre", "calibrated", "separation", "silhouette"] = Field(
         "exre",
         description=(
-            "How a class's clusters are judged: 'exre' (gate's default: a small, separated "
+            "How a class's clusters are judged: 'calibrated' (each class's best candidate "
+            "against a null from the same model's candidates, a p-value per class, flagged "
+            "below alpha or at ExRe log-odds above exre_log_odds; bench/results/ac-cases.md), "
+            "'exre' (a small, separated "
             "k-means cluster that the fast ExRe classifier in an earlier layer confidently "
             "puts in one other class), 'separation' (the previous default: the smaller "
             "2-means cluster lies far from the rest) or the paper's 'silhouette' threshold."
@@ -92,6 +114,17 @@ class ActivationClusteringPolicy(_Strict):
     min_cluster_size: int = Field(
         5, ge=1, description="Ignore suspicious clusters smaller than this."
     )
+    alpha: float = Field(
+        1e-6,
+        gt=0,
+        lt=1,
+        description=(
+            "Rule 'calibrated': flag a class whose p-value is below this. The p-value is "
+            "nominal (a normal reference for the robust z of the class's best candidate "
+            "among the model's candidates, Bonferroni over the class's candidates), hence "
+            "small; natural sub-populations of clean models measured down to ~1e-4."
+        ),
+    )
     n_components: int = Field(
         10,
         ge=1,
@@ -101,7 +134,7 @@ class ActivationClusteringPolicy(_Strict):
 
 
 def _default_severity() -> dict[CheckName, Severity]:
-    return {"fingerprint": "fail", "activation_clustering": "fail"}
+    return {"fingerprint": "fail", "activation_clustering": "fail", "trigger_search": "fail"}
 
 
 class Policy(_Strict):
@@ -109,8 +142,29 @@ class Policy(_Strict):
     description: str = ""
     fingerprint: FingerprintPolicy = FingerprintPolicy()
     activation_clustering: ActivationClusteringPolicy = ActivationClusteringPolicy()
+    trigger_search: TriggerSearchPolicy = TriggerSearchPolicy()
     required_checks: tuple[CheckName, ...] = ("fingerprint",)
     severity: dict[CheckName, Severity] = Field(default_factory=_default_severity)
+    timeout_seconds: float = Field(
+        900.0,
+        gt=0,
+        le=7 * 86400,
+        description=(
+            "Wall-clock limit for the sandboxed process that runs the model (each model of a "
+            "command has its own); past it the model is stopped and gate exits 2. --timeout "
+            "overrides it."
+        ),
+    )
+    not_analysed: Severity = Field(
+        "fail",
+        description=(
+            "A required check that ran but analysed nothing (activation clustering with every "
+            "class below the minimum size, a fingerprint whose p-value is not a number) is "
+            "reported as not_analysed, never as a pass; this is what it does to the verdict "
+            "(at most the check's own severity). A check that is not required is reported "
+            "as not_analysed and does not change the verdict."
+        ),
+    )
 
     def severity_of(self, check: CheckName) -> Severity:
         return self.severity.get(check, "fail")

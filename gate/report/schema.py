@@ -7,7 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Verdict = Literal["pass", "warn", "fail"]
-CheckStatus = Literal["pass", "warn", "fail", "skipped"]
+# "not_analysed": the check ran but examined nothing (e.g. every class of the data was too
+# small to cluster); it is never a pass. What it does to the verdict is its ``severity``.
+CheckStatus = Literal["pass", "warn", "fail", "skipped", "not_analysed"]
+Effect = Literal["pass", "warn", "fail"]
 
 
 class _Model(BaseModel):
@@ -81,6 +84,10 @@ class ClassReport(_Model):
         "layer) or 'exre layer'",
     )
     spectral: SpectralReport | None = None
+    p_value: float | None = Field(
+        default=None,
+        description="rule calibrated: the class's p-value against the model's own candidates",
+    )
     reasons: list[str] = []
 
 
@@ -106,13 +113,66 @@ class ActivationClusteringReport(_Model):
     )
 
 
+class TriggerClassReport(_Model):
+    """One class's trigger-search statistics (higher z = easier to reach than the others)."""
+
+    label: int
+    max_margin: float
+    mask_l1: float
+    mask_asr: float
+    z_margin: float
+    z_mask: float
+    p_value: float
+
+
+class TriggerSearchReport(_Model):
+    """Model-adaptive trigger search (MM-BD max margin + Neural Cleanse masks per class)."""
+
+    status: Literal["ok", "not_run"]
+    reason: str | None = None
+    p_value: float | None = Field(
+        default=None,
+        description="within-model null across classes without a baseline; conformal "
+        "against the references' searches with one (null: not run)",
+    )
+    anomaly_score: float | None = Field(default=None, description="1 - p_value")
+    null: Literal["within_model", "baseline"] | None = None
+    within_model_p_value: float | None = None
+    suspected_target: int | None = Field(
+        default=None,
+        description="the class the search reaches most easily, when p_value < warn_alpha",
+    )
+    most_suspicious_class: int | None = None
+    classes: list[TriggerClassReport] = []
+    input_range: list[float] | None = None
+    inputs: str | None = Field(default=None, description="'data' or 'synthetic' inputs")
+    steps: dict[str, int] | None = None
+    n_references: int | None = None
+
+
 class CheckResult(_Model):
     name: str
-    status: CheckStatus
+    status: CheckStatus = Field(
+        description="pass, warn, fail; skipped (did not run); not_analysed (ran but examined "
+        "nothing: `message` says why; it counts as `severity` says)"
+    )
     severity: str
     value: float | None = None
     threshold: float | None = None
     message: str
+
+    def effect(self) -> Effect:
+        """What this check does to the verdict: a not-analysed check counts as its
+        severity (the policy's ``not_analysed`` for a required check), a skipped one as a
+        pass (a required check that did not run is already reported as failing)."""
+        if self.status in _EFFECTS:
+            return _EFFECTS[self.status]
+        if self.status == "not_analysed":
+            return _EFFECTS.get(self.severity, "pass")
+        return "pass"
+
+
+_EFFECTS: dict[str, Effect] = {"pass": "pass", "warn": "warn", "fail": "fail"}
 
 
 class Report(_Model):
@@ -124,4 +184,5 @@ class Report(_Model):
     checks: list[CheckResult]
     fingerprint: FingerprintReport | None
     activation_clustering: ActivationClusteringReport | None
+    trigger_search: TriggerSearchReport | None = None
     reasons: list[str]

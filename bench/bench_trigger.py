@@ -1,0 +1,179 @@
+# ruff: noqa: E402
+"""Trigger-search benchmark (issue 14): AUROC / TPR / FPR of the model-adaptive search, with
+and without a baseline, on the wider zoo of bench/trigger_zoo.py (digits and real MNIST).
+
+``make bench-trigger``. The first run trains the zoo and runs the search on every model
+(both cached under ``bench/.zoo/trigger/``); results go to ``bench/results/trigger.md``.
+``python bench/bench_trigger.py digits`` runs one dataset.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import hashlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trigger_zoo import ZOO, Spec, load, materialise, specs
+
+from gate.models import load_in_process
+from gate.trigger import stats
+from gate.trigger.search import DEFAULTS, run
+
+RESULTS = Path(__file__).resolve().parent / "results" / "trigger.md"
+ALPHA = 0.01  # the default policy's trigger_search.fail_alpha
+HIGH_ASR = 0.8
+SEED = 0
+N_SEARCH = 300  # clean test inputs handed to the search (it draws its own per class)
+
+
+def search_cached(spec: Spec, path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    tag = hashlib.sha256(json.dumps([2, DEFAULTS], sort_keys=True).encode()).hexdigest()[:8]
+    out = ZOO / "search" / f"{spec.key}-{tag}.json"
+    if out.is_file():
+        cached: dict[str, Any] = json.loads(out.read_text())
+        return cached
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_in_process(path)
+    t0 = time.perf_counter()
+    res = run(model, x, y, {}, SEED)
+    res = {k: v for k, v in res.items() if k not in ("masks", "patterns")}
+    res["seconds"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res))
+    return res
+
+
+def auroc(neg: Sequence[float], pos: Sequence[float]) -> float:
+    """P(score of a positive > score of a negative), ties count half."""
+    if not neg or not pos:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return float(wins / (len(neg) * len(pos)))
+
+
+Row = tuple[str, Callable[[dict[str, Any], list[dict[str, Any]]], float]]
+
+
+def _nc_only(r: dict[str, Any], _refs: list[dict[str, Any]]) -> float:
+    return float(stats.within_model(r, ("mask_l1",))["p_value"])
+
+
+def _mm_only(r: dict[str, Any], _refs: list[dict[str, Any]]) -> float:
+    return float(stats.within_model(r, ("max_margin",))["p_value"])
+
+
+def _within(r: dict[str, Any], _refs: list[dict[str, Any]]) -> float:
+    return float(stats.within_model(r)["p_value"])
+
+
+def _baseline(r: dict[str, Any], refs: list[dict[str, Any]]) -> float:
+    ref_scores = [stats.model_scores(x) for x in refs]
+    return float(stats.conformal(stats.model_scores(r), ref_scores)["p_value"])
+
+
+ROWS: tuple[Row, ...] = (
+    ("no baseline: trigger search (MM-BD + NC, gate default)", _within),
+    ("no baseline: MM-BD only (peer)", _mm_only),
+    ("no baseline: Neural Cleanse only (peer)", _nc_only),
+    ("with baseline: trigger search, conformal vs references", _baseline),
+)
+
+
+def evaluate(dataset: str) -> list[str]:
+    _xtr, _ytr, xte, yte = load(dataset)
+    x, y = xte[:N_SEARCH], yte[:N_SEARCH]
+    members: list[tuple[Spec, dict[str, float], dict[str, Any]]] = []
+    archs = os.environ.get("BENCH_ARCHS")  # e.g. "mlp,cnn": a partial run
+    todo = [s for s in specs(dataset) if not archs or s.arch in archs.split(",")]
+    for i, spec in enumerate(todo):
+        path, metrics = materialise(spec)
+        members.append((spec, metrics, search_cached(spec, path, x, y)))
+        print(f"\r[{dataset}] {i + 1}/{len(todo)} models searched", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    lines = [f"## {dataset}", ""]
+    refs_by_arch: dict[str, list[dict[str, Any]]] = {}
+    for spec, _m, r in members:
+        if spec.role == "reference":
+            refs_by_arch.setdefault(spec.arch, []).append(r)
+    clean = [(s, m, r) for s, m, r in members if s.role == "clean"]
+    bad = [(s, m, r) for s, m, r in members if s.role == "backdoor"]
+    high = [b for b in bad if b[1].get("asr", 0.0) >= HIGH_ASR]
+    n_design = sum(not b[0].held_out for b in high)
+    lines += [
+        f"{len(refs_by_arch)} architectures ({', '.join(refs_by_arch)}); per architecture "
+        f"{len(refs_by_arch[next(iter(refs_by_arch))])} references (baseline rows only), "
+        f"{len(clean)} held-out clean models in all, {len(bad)} backdoors "
+        f"({len(high)} with ASR >= {HIGH_ASR}: {n_design} design, {len(high) - n_design} "
+        "held-out families/modes). Search cost per model (median): "
+        f"{statistics.median(r['seconds'] for _, _, r in members):.1f} s "
+        "(1 thread, shared 2-core machine).",
+        "",
+        f"| row | AUROC design | AUROC held-out | TPR design (p < {ALPHA}) | "
+        f"TPR held-out | FPR clean |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, fn in ROWS:
+        pc = [fn(r, refs_by_arch[s.arch]) for s, _m, r in clean]
+        pd = [fn(r, refs_by_arch[s.arch]) for s, _m, r in high if not s.held_out]
+        ph = [fn(r, refs_by_arch[s.arch]) for s, _m, r in high if s.held_out]
+        neg = [1 - p for p in pc]
+        lines.append(
+            f"| {name} | {auroc(neg, [1 - p for p in pd]):.3f} | "
+            f"{auroc(neg, [1 - p for p in ph]):.3f} | "
+            f"{_rate(pd)} | {_rate(ph)} | {_rate(pc)} |"
+        )
+    lines += [
+        "",
+        "Per backdoor (default no-baseline row; suspect = class named by the search):",
+        "",
+    ]
+    lines += [
+        "| model | family | mode | held out | ASR | target | suspect | p no baseline |"
+        " p with baseline |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s, m, r in bad:
+        w = stats.within_model(r)
+        lines.append(
+            f"| {s.arch}-s{s.seed} | {s.family} | {s.mode} | {'yes' if s.held_out else 'no'} | "
+            f"{m.get('asr', 0):.2f} | {int(m.get('target', -1))} | {w['suspect']} | "
+            f"{w['p_value']:.2g} | {_baseline(r, refs_by_arch[s.arch]):.2g} |"
+        )
+    pcs = sorted(_within(r, []) for _, _, r in clean)
+    lines += ["", f"Clean models' no-baseline p-values: {', '.join(f'{p:.2g}' for p in pcs)}", ""]
+    return lines
+
+
+def _rate(ps: Sequence[float]) -> str:
+    hits = sum(p < ALPHA for p in ps)
+    return f"{hits}/{len(ps)}" if ps else "n/a"
+
+
+def main(argv: Sequence[str]) -> None:
+    lines = ["# Trigger search benchmark (`make bench-trigger`)", ""]
+    for dataset in argv or ["digits", "mnist"]:
+        lines += evaluate(dataset)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not argv:
+        RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
