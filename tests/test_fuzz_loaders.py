@@ -234,7 +234,7 @@ def _mutated_npz(draw: st.DrawFn, seed: bytes) -> bytes:
             content[pos : pos + 1] = draw(st.sampled_from([b"9" * 13, b"4398046511104", b"-"]))
         elif kind == "truncate":
             del content[draw(st.integers(0, len(content) - 1)) :]
-        else:  # a NaN, inf or 1e38 float32 somewhere in the data
+        elif len(content) >= 4:  # a NaN, inf or 1e38 float32 somewhere in the data
             at = draw(st.integers(0, len(content) - 4))
             content[at : at + 4] = draw(st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f",
                                                          b"\x99\x76\x96\x7e"]))  # fmt: skip

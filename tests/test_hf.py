@@ -17,7 +17,7 @@ import pytest
 from gate.cli import main
 from gate.data import TextData, load_data, load_jsonl
 from gate.errors import DataError, ModelLoadError, UnsafeModelError
-from gate.models import load_model
+from gate.models import load_in_process, load_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -149,7 +149,7 @@ def test_default_layer_is_the_classifier_input(family: dict[str, Path]) -> None:
     over the attention mask, so padding does not change them."""
     import torch
 
-    model = load_model(family["ref1"])
+    model = load_in_process(family["ref1"])  # in-process: the test compares with its module
     assert model.format == "huggingface"
     assert model.default_layer() == "@penultimate"
     texts = ["the movie was good", "", "a very very long boring story " * 20]
@@ -260,7 +260,9 @@ def test_scan_refuses_a_candidate_with_another_tokenizer(
     code, _, err = run([*argv, "--report-dir", str(tmp_path / "r")], capsys)
     one_line_error(code, err, "tokenizer does not reproduce")
     mixed = [*refs, str(family["other_tokenizer"])]
-    code, _, err = run(["baseline", "build", *mixed, "--out", str(tmp_path / "b2")], capsys)
+    code, _, err = run(
+        ["baseline", "build", *mixed, "--out", str(tmp_path / "b2"), "--quiet"], capsys
+    )
     one_line_error(code, err, "other", "tokenizer does not reproduce")
 
 
@@ -345,7 +347,7 @@ def test_missing_extra_names_the_install_command(
 ) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ModelLoadError, match=r"pip install 'backdoor-gate\[hf\]'"):
-        load_model(family["ref1"])
+        load_in_process(family["ref1"])  # the loader as the sandbox's child runs it
 
 
 # --- JSONL data -----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ ESCAPES = textwrap.dedent(
                 f"REPORT write={_attempt(write)} from_file={_attempt(from_file)} "
                 f"socket={_attempt(sock)} exec={_attempt(run)} "
                 f"secrets={','.join(secrets) or 'none'} "
-                f"home={os.environ.get('HOME') == os.getcwd()} "
+                f"home={os.path.dirname(os.environ['HOME']) == os.path.dirname(os.getcwd())} "
                 f"cwd_files={len(os.listdir('.'))}"
             )
     '''

@@ -13,6 +13,9 @@ from typing import Any
 
 
 def main(argv: list[str]) -> int:
+    import os
+    import tempfile
+
     from gate.sandbox import limits
 
     req_fd, resp_fd, cpu_s, memory = (int(a) for a in argv[:4])
@@ -25,6 +28,13 @@ def main(argv: list[str]) -> int:
     import gate.models  # noqa: F401
     from gate.sandbox import protocol
 
+    # Libraries probe for a writable temp dir by writing a file (transformers through
+    # tempfile.gettempdir(), torch.optim through dynamo), which the limits forbid: name the
+    # private temp directory up front so the probe is skipped; real writes still fail.
+    tempfile.tempdir = os.environ.get("TMPDIR") or os.getcwd()
+    for var in limits.CACHE_DIRS:  # makedirs(exist_ok=True) then finds them there
+        if os.environ.get(var):
+            os.makedirs(os.environ[var], exist_ok=True)
     seccomp_off = limits.install_seccomp()
     protocol.send(resp_fd, {"ready": True, "seccomp": seccomp_off is None, "why": seccomp_off})
     server = _Server()

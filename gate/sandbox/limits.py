@@ -35,13 +35,13 @@ MAX_OPEN_FILES = 256
 _PR_SET_PDEATHSIG = 1
 
 
-def child_env(workdir: str, python_path: list[str], parent: Mapping[str, str]) -> dict[str, str]:
+def child_env(home: str, python_path: list[str], parent: Mapping[str, str]) -> dict[str, str]:
     """The child's whole environment: an allow-list from ``parent``, plus a private home."""
     env = {k: parent[k] for k in _PASS_THROUGH if k in parent}
     env.update(
         {
-            "HOME": workdir,
-            "TMPDIR": workdir,
+            "HOME": home,
+            "TMPDIR": home,
             "PYTHONPATH": os.pathsep.join(python_path),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONNOUSERSITE": "1",
@@ -55,7 +55,20 @@ def child_env(workdir: str, python_path: list[str], parent: Mapping[str, str]) -
             "GATE_IN_SANDBOX": "1",
         }
     )
+    # Caches libraries create on import (torch's inductor/triton through transformers,
+    # the hub's): private directories the child makes before its filter goes on.
+    env.update({var: os.path.join(home, sub) for var, sub in CACHE_DIRS.items()})
     return env
+
+
+# Hyphenated, should they ever sit on sys.path: a directory named like a package
+# ("triton") would shadow it.
+CACHE_DIRS = {
+    "TORCHINDUCTOR_CACHE_DIR": "torch-inductor",
+    "TRITON_CACHE_DIR": "triton-cache",
+    "HF_HOME": "hf-home",
+    "XDG_CACHE_HOME": "xdg-cache",
+}
 
 
 def apply_rlimits(cpu_seconds: int, memory_bytes: int | None) -> None:

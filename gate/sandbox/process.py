@@ -30,11 +30,16 @@ class ModelProcess:
     def __init__(self, options: SandboxOptions, what: str) -> None:
         self.options = options
         self.what = what  # the model as the user named it, for messages
+        # Private to this child (0700): an empty working directory, and beside it the home
+        # that holds HOME, TMPDIR and the library caches.
         self.workdir = tempfile.mkdtemp(prefix="gate-sandbox-")
         os.chmod(self.workdir, 0o700)
+        cwd, home = os.path.join(self.workdir, "work"), os.path.join(self.workdir, "home")
+        os.mkdir(cwd)
+        os.mkdir(home)
         req_r, self._req_w = os.pipe()
         self._resp_r, resp_w = os.pipe()
-        env = limits.child_env(self.workdir, _python_path(), os.environ)
+        env = limits.child_env(home, _python_path(), os.environ)
         memory = options.memory_bytes() or 0
         cmd = [
             sys.executable,
@@ -53,7 +58,7 @@ class ModelProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=self.workdir,
+                cwd=cwd,
                 env=env,
                 pass_fds=(req_r, resp_w),
                 start_new_session=True,  # a signal to gate's group does not hit the child twice
