@@ -48,6 +48,14 @@ def _sandbox_context(args: argparse.Namespace) -> AbstractContextManager[object]
     return use_sandbox(SandboxOptions(timeout=timeout, memory_mb=args.memory_limit))
 
 
+def _prestart_sandbox(args: argparse.Namespace) -> None:
+    """A command that runs a model starts its child first (see gate.sandbox.prestart)."""
+    if getattr(args, "model", None) or getattr(args, "models", None):
+        from gate.sandbox import prestart
+
+        prestart()
+
+
 def run() -> NoReturn:
     """The ``gate`` command: :func:`main`, then exit with its code. The collector is frozen
     first: the interpreter's last collections over torch's many objects otherwise add
@@ -84,6 +92,7 @@ def _main(argv: Sequence[str] | None) -> int:
         set_threads(threads)
     try:
         with _arch_context(args), _sandbox_context(args):
+            _prestart_sandbox(args)
             return int(args.handler(args))
     except GateError as exc:
         # Messages name files and layers: escaped so that the error stays one line.

@@ -15,7 +15,14 @@ from gate.models.base import LoadedModel
 from gate.sandbox.options import DEFAULT_TIMEOUT, SandboxOptions, current_options, use_sandbox
 from gate.sandbox.process import ModelProcess
 
-__all__ = ["DEFAULT_TIMEOUT", "SandboxOptions", "current_options", "open_model", "use_sandbox"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "SandboxOptions",
+    "current_options",
+    "open_model",
+    "prestart",
+    "use_sandbox",
+]
 
 
 _spare: list[ModelProcess] = []
@@ -54,10 +61,23 @@ def open_model(path: str | Path, more: bool = False) -> LoadedModel:
         raise
 
 
+def prestart() -> None:
+    """Start the first model's child now, so that torch's import in it overlaps gate's own
+    set-up (policy, baseline, data); ``open_model`` then takes it over."""
+    if not _spare:
+        _spare.append(ModelProcess(current_options(), "(spare)"))
+
+
 def _take_spare(options: SandboxOptions, what: str) -> ModelProcess | None:
     while _spare:
         proc = _spare.pop()
-        if proc.options == options:
+        # The timeout may have changed since (a policy's timeout_seconds): the deadline is
+        # set on claiming, but the CPU and memory limits were fixed at the child's start.
+        if (
+            proc.options.memory_mb == options.memory_mb
+            and proc.options.cpu_seconds() >= options.cpu_seconds()
+        ):
+            proc.options = options
             proc.claim(what)
             return proc
         proc.close()
