@@ -261,3 +261,41 @@ def test_onnx_loop_with_huge_trip_count_ends_at_timeout(tmp_path: Path) -> None:
     proc = run_gate("inspect", str(path), "--input-shape", "4", "--timeout", "6")
     assert_one_line_error(proc, "exceeded 6 s")
     assert time.monotonic() - started < 40
+
+
+def test_spare_child_sees_arch_code_added_to_the_path_after_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child started ahead (prestart, baseline build's next model) must still import
+    --arch code the caller made importable later: CI once failed on exactly this order."""
+    import sys
+
+    import torch
+
+    from gate import sandbox
+    from gate.models import load_model
+    from gate.models.arch import use_arch
+
+    sandbox.prestart()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "gate_late_arch.py").write_text(
+        "import torch\n\n\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self) -> None:\n"
+        "        super().__init__()\n"
+        "        self.head = torch.nn.Linear(4, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(x.flatten(1))\n"
+    )
+    monkeypatch.syspath_prepend(str(code))
+    sys.modules.pop("gate_late_arch", None)
+    import gate_late_arch
+
+    torch.save(gate_late_arch.Net().state_dict(), tmp_path / "w.pt")
+    with use_arch("gate_late_arch:Net", "{}"):
+        model = load_model(tmp_path / "w.pt")
+    try:
+        assert "head" in model.layer_names()
+    finally:
+        getattr(model, "close", lambda: None)()
+        sys.modules.pop("gate_late_arch", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gate.models.base import LoadedModel
 from gate.sandbox.options import DEFAULT_TIMEOUT, SandboxOptions, current_options, use_sandbox
-from gate.sandbox.process import ModelProcess
+from gate.sandbox.process import ModelProcess, python_path
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -49,6 +49,7 @@ def open_model(path: str | Path, more: bool = False) -> LoadedModel:
             "load",
             path=str(Path(path).absolute()),
             arch=None if arch is None else {"target": arch.target, "kwargs": arch.kwargs},
+            python_path=None if arch is None else python_path(),
         )
         if not isinstance(info, dict):
             from gate.errors import SandboxError

@@ -90,6 +90,11 @@ class _Server:
             from gate.models.arch import use_arch
 
             context = use_arch(arch["target"], json.dumps(arch["kwargs"]))
+            # A spare child started before the parent's import path grew (a test's
+            # syspath_prepend, a library caller's sys.path edit): take the parent's as of now.
+            for entry in request.get("python_path") or ():
+                if isinstance(entry, str) and entry not in sys.path:
+                    sys.path.append(entry)
         with context:
             model = load_in_process(request["path"])
         self.model = model

@@ -39,7 +39,7 @@ class ModelProcess:
         os.mkdir(home)
         req_r, self._req_w = os.pipe()
         self._resp_r, resp_w = os.pipe()
-        env = limits.child_env(home, _python_path(), os.environ)
+        env = limits.child_env(home, python_path(), os.environ)
         memory = options.memory_bytes() or 0
         cmd = [
             sys.executable,
@@ -176,7 +176,7 @@ def _drain(stream: IO[bytes] | None, kept: deque[bytes]) -> None:
     stream.close()
 
 
-def _python_path() -> list[str]:
+def python_path() -> list[str]:
     """The parent's import path, absolute: the child runs elsewhere but must import the same
     gate, and the same --arch code."""
     cwd = os.getcwd()
