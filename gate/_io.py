@@ -44,13 +44,35 @@ def write_npy_atomic(path: Path, array: npt.NDArray[np.generic]) -> None:
         np.lib.format.write_array(fh, np.require(array, requirements="C"), allow_pickle=False)
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc (no race); elsewhere it is set and put
+    back, which is safe here because gate writes its files from one thread."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def open_atomic(path: Path) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` only once fully written."""
+    """A file that appears at ``path`` only once fully written, with the mode a plain
+    ``open`` would give it (0666 & ~umask).
+
+    mkstemp creates the file O_EXCL with mode 0600 (never through a planted symlink); the
+    mode is widened on the descriptor, before the file is renamed into place, so that a
+    host user can read reports a container user wrote under the usual umask 022.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())
             yield fh
         os.replace(tmp, path)
     except BaseException:
