@@ -1,4 +1,5 @@
-"""JUnit XML (junit.xml): one testcase per check; a failing check is a <failure>."""
+"""JUnit XML (junit.xml): one testcase per check; a failing check is a <failure>, a warning
+one carries its message in <properties> and <system-out>."""
 
 from __future__ import annotations
 
@@ -47,8 +48,15 @@ def render(report: Report) -> str:
         elif _skipped(check):
             ET.SubElement(case, "skipped", {"message": x(check.message)})
         else:
+            if check.effect() == "warn":
+                # Not a plain pass: JUnit has no warning outcome, so the warning is in the
+                # case's properties (as pytest's record_property writes them) and its output.
+                cprops = ET.SubElement(case, "properties")
+                for name, value in (("gate.status", "warn"), ("gate.message", check.message)):
+                    ET.SubElement(cprops, "property", {"name": name, "value": x(value)})
             out = ET.SubElement(case, "system-out")
-            out.text = x(f"{check.status.upper()}: {check.message}")
+            label = "WARNING" if check.effect() == "warn" else check.status.upper()
+            out.text = x(f"{label}: {check.message}")
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"

@@ -30,5 +30,10 @@ def _environment() -> Any:
     return env
 
 
-def render(report: Report) -> str:
-    return str(_environment().get_template("summary.md.j2").render(r=report))
+def render(report: Report, artifacts: str | None = None) -> str:
+    """The summary. Pictures are linked relative to the report directory (summary.md sits
+    beside them), unless ``artifacts`` is given: then they are named as files of the
+    uploaded report artifact, linked to ``artifacts`` (a URL) when it is not empty. A
+    relative link on GitHub's step-summary page would be dead."""
+    template = _environment().get_template("summary.md.j2")
+    return str(template.render(r=report, artifacts=artifacts))
