@@ -299,3 +299,28 @@ def test_spare_child_sees_arch_code_added_to_the_path_after_it_started(
     finally:
         getattr(model, "close", lambda: None)()
         sys.modules.pop("gate_late_arch", None)
+
+
+def test_model_file_name_with_undecodable_bytes_loads(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 (Python's surrogate escapes) still loads and runs: torch
+    gets an open file, not a name it would re-encode strictly."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))\n"
+        "torch.jit.save(torch.jit.script(m), sys.argv[1] + '/m.pt')\n"
+        "os.rename(sys.argv[1] + '/m.pt', os.fsencode(sys.argv[1]) + b'/m\\xff.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
+    name = os.fsencode(tmp_path) + b"/m\xff.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gate", "inspect", os.fsdecode(name), "--input-shape", "16"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\\udcff" in proc.stdout and "\udcff" not in proc.stdout  # shown escaped

@@ -94,7 +94,8 @@ def load(path: Path) -> EagerModel:
     import torch
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # not str(path): see gate.models.torchscript
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(
             f"{path}: torch.load(weights_only=True) refused the checkpoint ({first_line(exc)})"

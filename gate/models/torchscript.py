@@ -138,9 +138,12 @@ def _load_on_big_stack(path: Path) -> Any:
 
     def work() -> None:
         try:
-            result["module"] = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(path), map_location="cpu"
-            )
+            # An open file, not str(path): torch encodes a name as strict UTF-8, which a
+            # file name holding undecodable bytes (Python's surrogate escapes) is not.
+            with open(path, "rb") as f:
+                result["module"] = torch.jit.load(  # type: ignore[no-untyped-call]
+                    f, map_location="cpu"
+                )
         except BaseException as exc:  # handed to the caller's thread
             result["error"] = exc
 
