@@ -34,14 +34,14 @@ from gate.trigger import stats
 from gate.trigger.search import DEFAULTS, run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trigger.md"
-ALPHA = 0.01  # the default policy's trigger_search.fail_alpha
+ALPHA = 0.01  # the default policy's fail_alpha, for trigger_search and fingerprint alike
 HIGH_ASR = 0.8
 SEED = 0
 N_SEARCH = 300  # clean test inputs handed to the search (it draws its own per class)
 
 
 def search_cached(spec: Spec, path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    tag = hashlib.sha256(json.dumps([2, DEFAULTS], sort_keys=True).encode()).hexdigest()[:8]
+    tag = hashlib.sha256(json.dumps([4, DEFAULTS], sort_keys=True).encode()).hexdigest()[:8]
     out = ZOO / "search" / f"{spec.key}-{tag}.json"
     if out.is_file():
         cached: dict[str, Any] = json.loads(out.read_text())
@@ -83,36 +83,93 @@ def _within(r: dict[str, Any], _refs: list[dict[str, Any]]) -> float:
 
 
 def _baseline(r: dict[str, Any], refs: list[dict[str, Any]]) -> float:
-    ref_scores = [stats.model_scores(x) for x in refs]
-    return float(stats.conformal(stats.model_scores(r), ref_scores)["p_value"])
+    profiles = [stats.profile(x) for x in refs]
+    return float(stats.against_references(r, profiles)["p_value"])
 
 
 ROWS: tuple[Row, ...] = (
     ("no baseline: trigger search (MM-BD + NC, gate default)", _within),
     ("no baseline: MM-BD only (peer)", _mm_only),
     ("no baseline: Neural Cleanse only (peer)", _nc_only),
-    ("with baseline: trigger search, conformal vs references", _baseline),
+    ("with baseline: trigger search, each class vs the references' (gate default)", _baseline),
 )
+
+
+def fingerprint_p(dataset: str, arch: str, members: list[tuple[Spec, Path]]) -> dict[str, float]:
+    """The fixed-probe fingerprint's p-value (``gate scan`` with the default policy against a
+    baseline of the architecture's references) for every non-reference model; cached."""
+    out = ZOO / "fingerprint" / f"{dataset}-{arch}.json"
+    keys = sorted(s.key for s, _ in members)
+    if out.is_file():
+        cached = json.loads(out.read_text())
+        if cached.get("keys") == keys:
+            return dict(cached["p"])
+    from gate.data import Dataset
+    from gate.fingerprint.baseline import load_baseline
+    from gate.fingerprint.build import build_baseline
+    from gate.policy import load_policy
+    from gate.scan import scan
+
+    _xtr, _ytr, xte, yte = load(dataset)
+    data = Dataset(x=xte[:N_SEARCH], y=yte[:N_SEARCH], path=f"{dataset}-test")
+    refs = [str(p) for s, p in members if s.role == "reference"]
+    workdir = ZOO / "fingerprint" / f"baseline-{dataset}-{arch}"
+    build_baseline(refs, data=data, seed=SEED).save(workdir)
+    baseline = load_baseline(workdir)
+    policy = load_policy("default")
+    p: dict[str, float] = {}
+    for s, path in members:
+        if s.role != "reference":
+            report = scan(str(path), baseline, None, policy)
+            assert report.fingerprint is not None
+            p[s.key] = float(report.fingerprint.p_value)
+    out.write_text(json.dumps({"keys": keys, "p": p}, sort_keys=True))
+    return p
+
+
+def forward_seconds(path: Path, x: np.ndarray) -> float:
+    """One forward pass over ``x`` in-process (median of 5), the cost unit of the search."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_in_process(path)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        model.forward(x, ())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def evaluate(dataset: str) -> list[str]:
     _xtr, _ytr, xte, yte = load(dataset)
     x, y = xte[:N_SEARCH], yte[:N_SEARCH]
-    members: list[tuple[Spec, dict[str, float], dict[str, Any]]] = []
+    members: list[tuple[Spec, dict[str, float], dict[str, Any], Path]] = []
     archs = os.environ.get("BENCH_ARCHS")  # e.g. "mlp,cnn": a partial run
     todo = [s for s in specs(dataset) if not archs or s.arch in archs.split(",")]
     for i, spec in enumerate(todo):
         path, metrics = materialise(spec)
-        members.append((spec, metrics, search_cached(spec, path, x, y)))
+        members.append((spec, metrics, search_cached(spec, path, x, y), path))
         print(f"\r[{dataset}] {i + 1}/{len(todo)} models searched", end="", file=sys.stderr)
     print(file=sys.stderr)
+    fp: dict[str, float] = {}
+    cost: list[float] = []
+    for arch in dict.fromkeys(s.arch for s, *_ in members):
+        mine = [(s, p) for s, _m, _r, p in members if s.arch == arch]
+        fp.update(fingerprint_p(dataset, arch, mine))
+        from gate.fingerprint.baseline import load_baseline
+
+        probes = load_baseline(ZOO / "fingerprint" / f"baseline-{dataset}-{arch}").probes.x
+        for s, _m, r, p in members:
+            if s.arch == arch and s.role == "clean":
+                cost.append(r["seconds"] / forward_seconds(p, probes))
     lines = [f"## {dataset}", ""]
     refs_by_arch: dict[str, list[dict[str, Any]]] = {}
-    for spec, _m, r in members:
+    for spec, _m, r, _p in members:
         if spec.role == "reference":
             refs_by_arch.setdefault(spec.arch, []).append(r)
-    clean = [(s, m, r) for s, m, r in members if s.role == "clean"]
-    bad = [(s, m, r) for s, m, r in members if s.role == "backdoor"]
+    clean = [(s, m, r) for s, m, r, _p in members if s.role == "clean"]
+    bad = [(s, m, r) for s, m, r, _p in members if s.role == "backdoor"]
     high = [b for b in bad if b[1].get("asr", 0.0) >= HIGH_ASR]
     n_design = sum(not b[0].held_out for b in high)
     lines += [
@@ -121,17 +178,34 @@ def evaluate(dataset: str) -> list[str]:
         f"{len(clean)} held-out clean models in all, {len(bad)} backdoors "
         f"({len(high)} with ASR >= {HIGH_ASR}: {n_design} design, {len(high) - n_design} "
         "held-out families/modes). Search cost per model (median): "
-        f"{statistics.median(r['seconds'] for _, _, r in members):.1f} s "
-        "(1 thread, shared 2-core machine).",
+        f"{statistics.median(r['seconds'] for _, _, r, _p in members):.1f} s "
+        f"(1 thread), {statistics.median(cost):.0f}x one forward pass over the fingerprint's "
+        "probes (median over the clean models).",
         "",
         f"| row | AUROC design | AUROC held-out | TPR design (p < {ALPHA}) | "
         f"TPR held-out | FPR clean |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, fn in ROWS:
-        pc = [fn(r, refs_by_arch[s.arch]) for s, _m, r in clean]
-        pd = [fn(r, refs_by_arch[s.arch]) for s, _m, r in high if not s.held_out]
-        ph = [fn(r, refs_by_arch[s.arch]) for s, _m, r in high if s.held_out]
+
+    def fixed(s: Spec, r: dict[str, Any]) -> float:
+        return fp[s.key]
+
+    def combined(s: Spec, r: dict[str, Any]) -> float:
+        # What gate scan decides with both checks: it fails when either does; as one
+        # score, the smaller p-value, Bonferroni-doubled.
+        return min(1.0, 2.0 * min(fp[s.key], _baseline(r, refs_by_arch[s.arch])))
+
+    scored: list[tuple[str, Callable[[Spec, dict[str, Any]], float]]] = [
+        (name, lambda s, r, fn=fn: fn(r, refs_by_arch[s.arch])) for name, fn in ROWS
+    ]
+    scored += [
+        ("with baseline: fixed probes only (fingerprint, default policy)", fixed),
+        ("with baseline: combined (fingerprint fails or trigger search fails)", combined),
+    ]
+    for name, fn in scored:
+        pc = [fn(s, r) for s, _m, r in clean]
+        pd = [fn(s, r) for s, _m, r in high if not s.held_out]
+        ph = [fn(s, r) for s, _m, r in high if s.held_out]
         neg = [1 - p for p in pc]
         lines.append(
             f"| {name} | {auroc(neg, [1 - p for p in pd]):.3f} | "
@@ -140,23 +214,26 @@ def evaluate(dataset: str) -> list[str]:
         )
     lines += [
         "",
-        "Per backdoor (default no-baseline row; suspect = class named by the search):",
+        "Per backdoor (suspect = class named by the search with a baseline):",
         "",
     ]
     lines += [
         "| model | family | mode | held out | ASR | target | suspect | p no baseline |"
-        " p with baseline |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        " p with baseline | p fingerprint |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s, m, r in bad:
         w = stats.within_model(r)
+        b = stats.against_references(r, [stats.profile(x) for x in refs_by_arch[s.arch]])
         lines.append(
             f"| {s.arch}-s{s.seed} | {s.family} | {s.mode} | {'yes' if s.held_out else 'no'} | "
-            f"{m.get('asr', 0):.2f} | {int(m.get('target', -1))} | {w['suspect']} | "
-            f"{w['p_value']:.2g} | {_baseline(r, refs_by_arch[s.arch]):.2g} |"
+            f"{m.get('asr', 0):.2f} | {int(m.get('target', -1))} | {b['suspect']} | "
+            f"{w['p_value']:.2g} | {b['p_value']:.2g} | {fp[s.key]:.2g} |"
         )
-    pcs = sorted(_within(r, []) for _, _, r in clean)
-    lines += ["", f"Clean models' no-baseline p-values: {', '.join(f'{p:.2g}' for p in pcs)}", ""]
+    for label, fn2 in (("no-baseline", _within), ("with-baseline", _baseline)):
+        pcs = sorted(fn2(r, refs_by_arch[s.arch]) for s, _, r in clean)
+        lines += ["", f"Clean models' {label} p-values: {', '.join(f'{p:.2g}' for p in pcs)}"]
+    lines.append("")
     return lines
 
 

@@ -231,7 +231,7 @@ def trigger_stage(
     if options.get("input_range") is None:  # a baseline's stored range wins: same box
         options["input_range"] = input_range(data.x if isinstance(data, Dataset) else None)
     result = run_search(model, x, y, options, seed)
-    refs = calibration.reference_scores if calibration is not None else None
+    refs = calibration.reference_classes if calibration is not None else None
     if calibration is not None and inputs != calibration.inputs:
         raise MismatchError(
             f"the baseline's trigger search ran on {calibration.inputs} inputs, this scan's on "

@@ -475,3 +475,36 @@ def test_baseline_manifest_big_int_and_deep_nesting(
     (bad / "baseline.json").write_text('{"seed": ' + text + "}")
     proc = run_gate("scan", str(tiny_model), "--baseline", str(bad), cwd=tmp_path)
     assert_one_line_error(proc, "baseline.json")
+
+
+def test_baseline_manifest_too_large_is_refused_before_reading(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "b"
+    bad.mkdir()
+    with open(bad / "baseline.json", "wb") as f:  # sparse: no disk, but st_size says 65 MiB
+        f.truncate(65 << 20)
+    proc = run_gate("scan", str(tiny_model), "--baseline", str(bad), cwd=tmp_path)
+    assert_one_line_error(proc, "larger than")
+
+
+@pytest.mark.parametrize(
+    ("value", "classes", "needle"),
+    [("NaN", 3, "NaN or infinite"), ("1e308", 3, "beyond"), ("1.0", 2, "has 2 classes")],
+)
+def test_baseline_trigger_statistics_must_be_sane(
+    tiny_model: Path, baseline_dir: Path, tmp_path: Path, value: str, classes: int, needle: str
+) -> None:
+    """A planted trigger-search calibration (NaN, huge, or the wrong class count) is refused
+    at load time: it would otherwise decide every candidate's trigger-search p-value."""
+    bad = _copy_baseline(baseline_dir, tmp_path / "b")
+    manifest = json.loads((bad / "baseline.json").read_text())
+    stats = {"max_margin": ["__X__"] * classes, "mask_l1": [0.0] * classes}
+    manifest["trigger_search"] = {
+        "options": {},
+        "inputs": "synthetic",
+        "reference_classes": [stats] * len(manifest["references"]),
+    }
+    (bad / "baseline.json").write_text(json.dumps(manifest).replace('"__X__"', value))
+    proc = run_gate("scan", str(tiny_model), "--baseline", str(bad), cwd=tmp_path)
+    assert_one_line_error(proc, "trigger statistic", needle)

@@ -110,8 +110,9 @@ def test_backdoor_flagged_without_baseline_and_clean_twin_passes(models: dict[st
 def test_with_a_baseline_the_search_is_calibrated_on_the_references(
     models: dict[str, Any],
 ) -> None:
-    """`baseline build --trigger-search` stores each reference's scores; scans rank the
-    candidate's among them (conformal) instead of using the within-model null."""
+    """`baseline build --trigger-search` stores each reference's per-class statistics; scans
+    compare each class with the same class of the references instead of the within-model
+    null, and name the backdoor's target."""
     from gate.demo.zoo import digits
 
     work: Path = models["work"]
@@ -124,13 +125,21 @@ def test_with_a_baseline_the_search_is_calibrated_on_the_references(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     stored = json.loads((out / "baseline.json").read_text())["trigger_search"]
-    assert len(stored["reference_scores"]) == 3 and stored["inputs"] == "synthetic"
+    assert len(stored["reference_classes"]) == 3 and stored["inputs"] == "synthetic"
+    for ref in stored["reference_classes"]:
+        assert set(ref) == {"max_margin", "mask_l1", "flip_l1"}
+        assert all(len(v) == 10 for v in ref.values())
     for name, status in (("bad", "fail"), ("clean", "pass")):
         _, rep = _scan(models[name], work / f"bl-{name}", "--baseline", str(out))
         ts = rep["trigger_search"]
         assert ts["null"] == "baseline" and ts["n_references"] == 3, ts
         check = next(c for c in rep["checks"] if c["name"] == "trigger_search")
         assert check["status"] == status, (name, check)
+        if name == "bad":
+            assert ts["suspected_target"] == TARGET, ts
+            assert ts["classes"][TARGET]["z_reference"] == max(
+                c["z_reference"] for c in ts["classes"]
+            )
 
 
 def test_same_inputs_give_byte_identical_report(models: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ PROBE_TEXTS = "probe_texts"  # text models' probe texts (UTF-8 JSON list as uint
 SCHEMA_VERSION = 1
 MIN_REFERENCES = 3
 MAX_ABS_VALUE = 1e30  # far beyond any log-probability, activation statistic or score
+MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is kilobytes; refuse before json reads it all
 
 
 class _Frozen(BaseModel):
@@ -64,11 +65,12 @@ class DetectorCalibration(_Frozen):
 
 
 class TriggerCalibration(_Frozen):
-    """Every reference's trigger-search scores (``gate baseline build --trigger-search``)."""
+    """Every reference's per-class trigger-search scores (``gate baseline build
+    --trigger-search``; see gate.trigger.stats.profile)."""
 
     options: dict[str, Any]
     inputs: str = Field(description="'data' (from --data) or 'synthetic' (--input-shape)")
-    reference_scores: list[dict[str, float]]
+    reference_classes: list[dict[str, list[float]]]
 
 
 class _FamilyManifest(_Frozen):
@@ -212,6 +214,10 @@ def load_shard(path: str | Path) -> BaselineShard:
 
 def _read_manifest(mfile: Path, cls: type[_M], what: str) -> _M:
     try:
+        if mfile.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BaselineError(
+                f"{mfile}: the {what} manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB"
+            )
         raw = json.loads(mfile.read_text(encoding="utf-8"))
         return cls.model_validate(raw)
     except json.JSONDecodeError as exc:
@@ -282,6 +288,26 @@ def _check_values(where: Path, what: str, values: Any) -> None:
         )
 
 
+def _check_trigger(mfile: Path, manifest: BaselineManifest) -> None:
+    """Every reference's trigger statistics: finite, sane, one value per class."""
+    cal = manifest.trigger_search
+    if cal is None:
+        return
+    if len(cal.reference_classes) != len(manifest.references):
+        raise BaselineError(
+            f"{mfile}: trigger search has {len(cal.reference_classes)} references' statistics "
+            f"for {len(manifest.references)} references (corrupt or tampered)"
+        )
+    for i, ref in enumerate(cal.reference_classes):
+        for name, values in sorted(ref.items()):
+            if len(values) != manifest.output_size:
+                raise BaselineError(
+                    f"{mfile}: trigger statistic {name!r} of reference {i} has {len(values)} "
+                    f"classes, the family {manifest.output_size} (corrupt or tampered)"
+                )
+            _check_values(mfile, f"trigger statistic {name!r} of reference {i}", values)
+
+
 def _texts_array(probes: ProbeSet) -> dict[str, Array]:
     """Text probes' texts, as the UTF-8 bytes of a JSON list (no pickles, no object arrays)."""
     if probes.texts is None:
@@ -314,6 +340,7 @@ def load_baseline(path: str | Path) -> Baseline:
     manifest = _read_manifest(mfile, BaselineManifest, "baseline")
     for det in manifest.detectors:
         _check_values(mfile, f"calibration scores of detector {det.name!r}", det.calibration_scores)
+    _check_trigger(mfile, manifest)
     fps, probes, state = _read_arrays(d, manifest.probes.sha256)
     n_refs = len(manifest.references)
     expected = sum(r * c for r, c in manifest.blocks)

@@ -120,7 +120,7 @@ def build_baseline_shard(
     prints: list[Fingerprint] = []
     shas: list[str] = []
     layer_used: str | None = None
-    trigger_scores: list[dict[str, float]] = []
+    trigger_classes: list[dict[str, list[float]]] = []
     trigger_cal = None
     if trigger_options is not None:
         trigger_cal = _trigger_setup(data, shape, trigger_options, seed)
@@ -145,7 +145,7 @@ def build_baseline_shard(
             shas.append(model.sha256)
             layer_used = layer_used or chosen
             if trigger_cal is not None:
-                trigger_scores.append(_trigger_scores(model, path, trigger_cal, seed))
+                trigger_classes.append(_trigger_profile(model, path, trigger_cal, seed))
             bar.update()
     manifest = ShardManifest(
         gate_version=__version__,
@@ -175,7 +175,7 @@ def build_baseline_shard(
         trigger_search=None
         if trigger_cal is None
         else TriggerCalibration(
-            options=trigger_cal[0], inputs=trigger_cal[3], reference_scores=trigger_scores
+            options=trigger_cal[0], inputs=trigger_cal[3], reference_classes=trigger_classes
         ),
     )
     matrix = np.stack([fp.vector for fp in prints]).astype(np.float32)
@@ -291,17 +291,17 @@ def _trigger_setup(
     return opts, x, y, inputs
 
 
-def _trigger_scores(
+def _trigger_profile(
     model: LoadedModel, path: str, setup: TriggerSetup, seed: int
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     from gate.trigger import run_search
-    from gate.trigger.stats import model_scores
+    from gate.trigger.stats import profile
 
     opts, x, y, _inputs = setup
     result = run_search(model, x, y, opts, seed)
     if result.get("status") != "ok":
         raise UsageError(f"{path}: --trigger-search did not run: {result.get('reason')}")
-    return {k: round(v, 9) for k, v in model_scores(result).items()}
+    return profile(result)
 
 
 def _merge_trigger(ordered: Sequence[BaselineShard]) -> TriggerCalibration | None:
@@ -316,8 +316,10 @@ def _merge_trigger(ordered: Sequence[BaselineShard]) -> TriggerCalibration | Non
             "shards disagree on --trigger-search (some have it, or with other options); "
             "build every shard with the same options"
         )
-    scores = [r for c in cals if c is not None for r in c.reference_scores]
-    return TriggerCalibration(options=first.options, inputs=first.inputs, reference_scores=scores)
+    classes = [r for c in cals if c is not None for r in c.reference_classes]
+    return TriggerCalibration(
+        options=first.options, inputs=first.inputs, reference_classes=classes
+    )
 
 
 def _probe_set(

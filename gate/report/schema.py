@@ -122,7 +122,17 @@ class TriggerClassReport(_Model):
     mask_asr: float
     z_margin: float
     z_mask: float
-    p_value: float
+    p_value: float = Field(description="within-model p-value of this class")
+    flip_l1: float | None = Field(
+        default=None, description="smallest mask that sends this class's inputs elsewhere"
+    )
+    z_reference: float | None = Field(
+        default=None,
+        description="with a baseline: this class's excess over the references' same class",
+    )
+    p_reference: float | None = Field(
+        default=None, description="with a baseline: this class's p-value against the references"
+    )
 
 
 class TriggerSearchReport(_Model):
@@ -132,12 +142,17 @@ class TriggerSearchReport(_Model):
     reason: str | None = None
     p_value: float | None = Field(
         default=None,
-        description="within-model null across classes without a baseline; conformal "
-        "against the references' searches with one (null: not run)",
+        description="within-model null across classes without a baseline; each class "
+        "against the same class of the references' searches with one (null: not run)",
     )
     anomaly_score: float | None = Field(default=None, description="1 - p_value")
     null: Literal["within_model", "baseline"] | None = None
     within_model_p_value: float | None = None
+    reference_shift_z: float | None = Field(
+        default=None,
+        description="with a baseline: every class's shift against the references (all-to-all)",
+    )
+    reference_shift_p_value: float | None = None
     suspected_target: int | None = Field(
         default=None,
         description="the class the search reaches most easily, when p_value < warn_alpha",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gate.errors import UsageError
+from gate.errors import MismatchError, UsageError
 from gate.report.schema import TriggerClassReport, TriggerSearchReport
 from gate.trigger import stats
 
@@ -90,7 +90,7 @@ def input_range(x: npt.NDArray[np.float32] | None) -> list[float]:
 def build_report(
     result: Mapping[str, Any],
     warn_alpha: float,
-    references: Sequence[Mapping[str, float]] | None,
+    references: Sequence[Mapping[str, Sequence[float]]] | None,
     inputs: str,
 ) -> TriggerSearchReport:
     if result.get("status") != "ok":
@@ -98,13 +98,18 @@ def build_report(
             status="not_run", reason=str(result.get("reason") or "the search did not run")
         )
     w = stats.within_model(result)
-    if references:
-        p = float(stats.conformal(stats.model_scores(result), references)["p_value"])
-        null = "baseline"
+    ref = None
+    if references and len(references) >= stats.MIN_REFERENCES:
+        try:
+            ref = stats.against_references(result, references)
+        except ValueError as exc:
+            raise MismatchError(f"trigger search: {exc}") from None
+    if ref is not None:
+        p, null, suspect = float(ref["p_value"]), "baseline", int(ref["suspect"])
     else:
-        p, null = float(w["p_value"]), "within_model"
+        p, null, suspect = float(w["p_value"]), "within_model", int(w["suspect"])
     p = _r(p)
-    suspect = int(w["suspect"])
+    flips = result.get("flip_mask_l1")
     classes = [
         TriggerClassReport(
             label=c,
@@ -114,6 +119,9 @@ def build_report(
             z_margin=_r(w["z"]["max_margin"][i]),
             z_mask=_r(w["z"]["mask_l1"][i]),
             p_value=_r(w["class_p"][i]),
+            flip_l1=None if flips is None else _r(flips[c]),
+            z_reference=None if ref is None else _r(ref["z"][c]),
+            p_reference=None if ref is None else _r(ref["class_p"][c]),
         )
         for i, c in enumerate(w["classes"])
     ]
@@ -124,13 +132,15 @@ def build_report(
         anomaly_score=_r(1.0 - p),
         null=null,
         within_model_p_value=_r(w["p_value"]),
+        reference_shift_z=None if ref is None else _r(ref["z_shift"]),
+        reference_shift_p_value=None if ref is None else _r(ref["tests"]["shift"]),
         suspected_target=suspect if p < warn_alpha else None,
         most_suspicious_class=suspect,
         classes=classes,
         input_range=[float(v) for v in result["input_range"]],
         inputs=inputs,
         steps={str(k): int(v) for k, v in steps.items()},
-        n_references=len(references) if references else None,
+        n_references=len(references) if ref is not None and references else None,
     )
 
 

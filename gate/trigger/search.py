@@ -37,6 +37,8 @@ from gate.errors import UsageError
 # A mask "succeeds" when it flips this fraction of its inputs (Neural Cleanse uses 0.99 on
 # large sets; a few samples per pair make 0.9 the stabler choice).
 ASR_GOAL = 0.9
+# The "target" of a flip task: any class but the inputs' own.
+FLIP = -2
 
 DEFAULTS: dict[str, Any] = {
     "steps": 150,  # optimisation steps of the mask search (target and pair tasks together)
@@ -161,6 +163,13 @@ def _search(
     # Target tasks: every class t, clean inputs of the other classes. Pair tasks: (s, t).
     tasks: list[tuple[int, int]] = [(-1, t) for t in range(k)]
     rows = [_other_rows(by_class, t, opts["samples"], rng) for t in range(k)]
+    # Flip tasks (s, FLIP): the smallest mask that sends class s's inputs to *any* other
+    # class. All-to-all and source-specific backdoors have no single easy target, but their
+    # sources are abnormally easy to flip.
+    flips = list(present)
+    for s in flips:
+        tasks.append((s, FLIP))
+        rows.append(_take(by_class[s], opts["samples"], rng))
     do_pairs = opts["pairs"] and k <= opts["max_classes"]
     if do_pairs:
         for s in present:
@@ -170,6 +179,9 @@ def _search(
                     rows.append(_take(by_class[s], opts["pair_samples"], rng))
     l1, asr, masks, patterns, steps = _mask_search(module, x, rows, tasks, lo, hi, opts, gen)
     area = float(np.prod(masks.shape[1:]))
+    flip_l1 = [area] * k  # an absent class is not suspicious
+    for i, s in enumerate(flips):
+        flip_l1[s] = float(l1[k + i])
     out: dict[str, Any] = {
         "status": "ok",
         "reason": None,
@@ -182,13 +194,15 @@ def _search(
         "max_margin": [_r(v) for v in margin],
         "target_mask_l1": [_r(v) for v in l1[:k]],
         "target_asr": [_r(v) for v in asr[:k]],
+        "flip_mask_l1": [_r(v) for v in flip_l1],
         "pair_mask_l1": None,
         "masks": masks[:k],
         "patterns": patterns[:k],
     }
     if do_pairs:
         pair: list[list[float | None]] = [[None] * k for _ in range(k)]
-        for (s, t), v in zip(tasks[k:], l1[k:], strict=True):
+        first = k + len(flips)
+        for (s, t), v in zip(tasks[first:], l1[first:], strict=True):
             pair[s][t] = _r(v)
         out["pair_mask_l1"] = pair
     return out
@@ -277,12 +291,24 @@ def _mask_search(
     sizes = [len(r) for r in rows]
     inputs = torch.from_numpy(x[np.concatenate(rows)])
     owner = torch.from_numpy(np.repeat(np.arange(n_tasks), sizes))
-    target = torch.tensor([tasks[i][1] for i in owner.tolist()])
+    row_tasks = [tasks[i] for i in owner.tolist()]
+    flip = torch.tensor([t == FLIP for _s, t in row_tasks])
+    # A flip row's "target" is its own class, which it must leave.
+    target = torch.tensor([s if t == FLIP else t for s, t in row_tasks])
     shape = x.shape[1:]
     mshape = (1, *shape[1:]) if len(shape) >= 3 else tuple(shape)
     area = float(np.prod(mshape))
-    m_logit = (torch.randn((n_tasks, *mshape), generator=gen) * 0.1 - 2.0).requires_grad_(True)
-    p_logit = torch.randn((n_tasks, *shape), generator=gen).requires_grad_(True)
+    m_logit = torch.empty((n_tasks, *mshape))
+    p_logit = torch.empty((n_tasks, *shape))
+    # Flip tasks' starts are drawn after the others', so that adding them left every other
+    # task's start (and so its result) as it was.
+    flips = [i for i, (_s, t) in enumerate(tasks) if t == FLIP]
+    for group in ([i for i in range(n_tasks) if i not in set(flips)], flips):
+        if group:
+            m_logit[group] = torch.randn((len(group), *mshape), generator=gen) * 0.1 - 2.0
+            p_logit[group] = torch.randn((len(group), *shape), generator=gen)
+    m_logit.requires_grad_(True)
+    p_logit.requires_grad_(True)
     opt = _Adam([m_logit, p_logit], lr=0.1)
     lam = torch.full((n_tasks,), 1e-2)
     best = torch.full((n_tasks,), area)
@@ -297,10 +323,13 @@ def _mask_search(
         stamped = (1 - mask[owner]) * inputs + mask[owner] * pat[owner]
         out = _logits(module, stamped)
         ce = torch.nn.functional.cross_entropy(out, target, reduction="none")
+        # Flip rows: -log P(not own class), i.e. log-sum-exp of the others minus of all.
+        others = out.scatter(1, target[:, None], -math.inf).logsumexp(1)
+        ce = torch.where(flip, out.logsumexp(1) - others, ce)
         ce_task = torch.zeros(n_tasks).index_add_(0, owner, ce) / counts
         l1 = mask.reshape(n_tasks, -1).sum(1)
         loss = (ce_task + lam * l1 / area * 10.0).sum()
-        hit = (out.argmax(1) == target).float().detach()
+        hit = ((out.argmax(1) == target) != flip).float().detach()
         asr = torch.zeros(n_tasks).index_add_(0, owner, hit) / counts
         ok = (asr >= ASR_GOAL) & (l1.detach() < best)
         if bool(ok.any()):

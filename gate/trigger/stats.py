@@ -10,8 +10,8 @@ the smallest class p-value for the K classes tested (Bonferroni). The sums are d
 not exchangeable, so a tail on raw z would be far too light (see
 bench/results/trigger.md for the value's design and its held-out check).
 
-With a baseline the candidate's model-level scores are ranked among the references'
-(conformal, with the fingerprint's exponential tail beyond the largest).
+With a baseline each class is compared with the same class of the references
+(:func:`against_references`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from gate.detectors.calibration import cauchy_combine, p_value
+import numpy.typing as npt
 
 # Divides the robust z-scores before the Gaussian tail (heavier tail; see module docstring).
 Z_SCALE = 2.2
 STATISTICS = ("max_margin", "mask_l1")
-# Smallest tail scale per model-level score, in its own units: references often tie (every
-# clean model's within-model p is 1, i.e. a score of 0), which would make the fitted tail
-# infinitely steep. One decade of p-value for ``within``; 10% of the margin for ``margin``.
-TAIL_FLOOR = {"within": 1.0, "margin": 0.1}
+# Against references: the statistics of each test (see against_references). A class's
+# flip mask is about its inputs as a *source*, so it is tested apart from the target side.
+TESTS = {"target": ("max_margin", "mask_l1"), "source": ("flip_l1",)}
+# Leave-one-out needs at least two others per reference.
+MIN_REFERENCES = 3
 
 
 def _sf(z: float) -> float:
@@ -41,10 +41,14 @@ def class_scores(result: Mapping[str, Any]) -> dict[str, list[float]]:
     """Per class, higher = easier to reach = more suspicious, in log units."""
     margin = np.maximum(np.asarray(result["max_margin"], dtype=np.float64), 1e-3)
     l1 = np.asarray(result["target_mask_l1"], dtype=np.float64)
-    return {
+    out = {
         "max_margin": [float(v) for v in np.log(margin)],
         "mask_l1": [float(v) for v in -np.log(l1 + 0.5)],
     }
+    flip = result.get("flip_mask_l1")
+    if flip is not None:
+        out["flip_l1"] = [float(v) for v in -np.log(np.asarray(flip, dtype=np.float64) + 0.5)]
+    return out
 
 
 def loo_z(values: Sequence[float]) -> list[float]:
@@ -89,34 +93,98 @@ def within_model(
     }
 
 
-def model_scores(result: Mapping[str, Any]) -> dict[str, float]:
-    """Model-level scores (higher = more suspicious) for calibration against references.
-
-    ``within`` is the within-model evidence; ``margin`` is the easiest class's absolute
-    level, which catches backdoors that make *every* class easy (all-to-all),
-    which the within-model null cannot see.
-    """
-    w = within_model(result)
-    s = class_scores(result)
-    # The easiest class's mask size was a third score; on the design models (references
-    # scored leave-one-out) it added a false positive and no detection, so it is left out.
-    return {
-        "within": max(0.0, -math.log10(max(w["p_value"], 1e-300))),
-        "margin": max(s["max_margin"]),
-    }
+def profile(result: Mapping[str, Any]) -> dict[str, list[float]]:
+    """What a baseline stores per reference: every per-class score (see class_scores)."""
+    return {name: [_f(v) for v in values] for name, values in class_scores(result).items()}
 
 
-def conformal(
-    candidate: Mapping[str, float], references: Sequence[Mapping[str, float]]
+def against_references(
+    result: Mapping[str, Any], references: Sequence[Mapping[str, Sequence[float]]]
 ) -> dict[str, Any]:
-    """Each model-level score's p-value among the references', Cauchy-combined."""
-    per = {
-        name: p_value(
-            float(candidate[name]), [float(r[name]) for r in references], TAIL_FLOOR[name]
-        )
-        for name in sorted(candidate)
+    """The candidate's per-class scores against the same classes of clean references.
+
+    References share the candidate's classes and data, so class c of the candidate is
+    compared with class c of every reference: a naturally easy class (a wide-margin digit)
+    is easy in the references too and cancels out, which the within-model null cannot do.
+    Per statistic the deviations are scaled by the references' spread pooled over classes,
+    summed over a test's statistics, and split into a model-wide shift (the median over
+    classes) and each class's excess over it. Both are scaled by the same quantities
+    computed for every reference left out in turn, so the null is the references' own
+    spread. Three tests:
+
+    * **target** (max margin + target mask): the largest class excess, Student-t tail,
+      Bonferroni over K classes. All-to-one backdoors make their target abnormally easy;
+    * **source** (flip mask): the same on how easily each class's inputs leave it.
+      Source-specific and all-to-all backdoors make their sources abnormally easy;
+    * **shift**: the target statistics' model-wide shift, two-sided t with n - 1 degrees
+      of freedom (a blend or all-to-all poisoning can move every class at once).
+
+    The p-value is the smallest of the three, times three (Bonferroni).
+    """
+    cand = class_scores(result)
+    k = int(result["n_classes"])
+    if len(references) < MIN_REFERENCES:
+        raise ValueError(f"at least {MIN_REFERENCES} references are needed")
+    out: dict[str, Any] = {}
+    tests = {}
+    for test, names in TESTS.items():
+        if not all(n in cand and all(n in r for r in references) for n in names):
+            continue
+        ref = np.asarray([[list(r[n]) for n in names] for r in references], dtype=np.float64)
+        if ref.shape[2] != k:
+            raise ValueError(f"the references have {ref.shape[2]} classes, the candidate {k}")
+        tests[test] = _excess(np.asarray([cand[n] for n in names], dtype=np.float64), ref)
+    if "target" not in tests:
+        raise ValueError("the references lack the target statistics")
+    p: dict[str, float] = {}
+    for test, (z, _z_shift) in tests.items():
+        p[test] = min(1.0, k * _t_sf(float(np.max(z)), len(references) * (k - 1)))
+    z_target, z_shift = tests["target"]
+    p["shift"] = min(1.0, 2.0 * _t_sf(abs(z_shift), len(references) - 1))
+    best = int(np.argmax(z_target))
+    out = {
+        "p_value": min(1.0, len(p) * min(p.values())),
+        "suspect": best,
+        "z": [_f(v) for v in z_target],
+        "class_p": [_f(_t_sf(float(v), len(references) * (k - 1))) for v in z_target],
+        "z_shift": _f(z_shift),
+        "tests": {name: _f(v) for name, v in sorted(p.items())},
     }
-    return {"p_value": cauchy_combine(list(per.values())), "scores": per}
+    if "source" in tests:
+        out["z_source"] = [_f(v) for v in tests["source"][0]]
+    return out
+
+
+def _t_sf(z: float, dof: int) -> float:
+    from scipy.special import stdtr
+
+    return float(stdtr(max(dof, 1), -z))
+
+
+def _excess(
+    v: npt.NDArray[np.float64], ref: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], float]:
+    """Per-class excess z and model-wide shift z of ``v`` (statistics x classes) against
+    ``ref`` (references x statistics x classes), scaled by the references' leave-one-out."""
+    n = len(ref)
+    loo = [_deviation(ref[j], np.delete(ref, j, axis=0)) for j in range(n)]
+    sd_excess = max(float(np.sqrt(np.mean([e**2 for e, _ in loo]))), 1e-9)
+    sd_shift = max(float(np.sqrt(np.mean([g**2 for _, g in loo]))), 1e-9)
+    excess, shift = _deviation(v, ref)
+    return excess / sd_excess, shift / sd_shift
+
+
+def _deviation(
+    v: npt.NDArray[np.float64], others: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], float]:
+    """``v`` (statistics x classes) against ``others`` (models x statistics x classes): the
+    per-class excess over the model-wide shift, and the shift."""
+    mu = others.mean(0)
+    dof = others.shape[2] * max(len(others) - 1, 1)
+    sd = np.sqrt(((others - mu) ** 2).sum(axis=(0, 2)) / dof)
+    u = ((v - mu) / np.maximum(sd, 1e-9)[:, None]).sum(0)
+    shift = float(np.median(u))
+    return u - shift, shift
 
 
 def _f(v: float) -> float:
