@@ -447,29 +447,56 @@ def _case_results(case: Any, d: dict[str, Any], old: dict[str, Any] | None = Non
     return out
 
 
-def run_cases(repair: bool, budget: float = float("inf")) -> None:
+VERSION = "holm"  # cached results from another version of the calibrated rule are recomputed
+
+
+def _load_done(cache_dir: Path) -> dict[str, Any]:
+    import json
+
+    done: dict[str, Any] = {}
+    for f in sorted(cache_dir.glob("results*.json")):
+        done.update({k: v for k, v in json.loads(f.read_text()).items() if v.get("version") == VERSION})
+    return done
+
+
+def run_cases(repair: bool, budget: float = float("inf"), shard: tuple[int, int] | None = None) -> None:
     """Issue 15's cases (bench/ac_cases.py): digits and real MNIST, CNNs and MLPs, design and
-    held-out triggers, >= 20 clean models; the default rule vs the calibrated one."""
+    held-out triggers, >= 20 clean models; the default rule vs the calibrated one.
+    ``shard`` (i, n): compute only every n-th case from the i-th into results-i.json (for
+    running n processes at once) and print nothing; a run without it reads every shard."""
     import json
 
     import ac_cases as AC
 
-    cache = AC.CACHE / "results.json"
-    done: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    cache = AC.CACHE / ("results.json" if shard is None else f"results-{shard[0]}.json")
+    done = _load_done(AC.CACHE)
+    mine: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
     cases = AC.all_cases()
+    work: list[tuple[str, Any]] = [(c.key, c) for c in sorted(cases, key=lambda c: AC.priority(c))]
+    work += [(f"zoo-cnn-s{s}-clean", s) for s in range(4)]  # the demo recipe's clean twins
+    if shard is not None:
+        work = work[shard[0] :: shard[1]]
     started = time.perf_counter()
     # Results are cached per case; with --budget the most informative cases go first and
     # the rest are left for a later run (the tables say which were not run).
-    for case in sorted(cases, key=lambda c: AC.priority(c)):
+    for key, case in work:
         if time.perf_counter() - started > budget:
             break
-        stale = case.key in done and done[case.key].get("combine") != "max"
-        if case.key not in done or stale:
+        if key not in done:
             t0 = time.perf_counter()
-            done[case.key] = _case_results(case, AC.materialise(case), done.get(case.key))
-            done[case.key]["combine"] = "max"
-            done[case.key]["wall"] = time.perf_counter() - t0
-            cache.write_text(json.dumps(done))
+            d = AC.zoo_case(case) if isinstance(case, int) else AC.materialise(case)
+            r = _case_results(case, d)
+            r["version"], r["wall"] = VERSION, time.perf_counter() - t0
+            if repair and not isinstance(case, int) and case.attack != "none" and r["asr"] >= 0.8:
+                x, _, _ = AC.poisoned(case)
+                s = r["calibrated"]
+                rows = np.asarray(s["repair_rows"], dtype=np.int64)
+                r["repaired"] = AC.retrain_scores(case, x[rows], np.asarray(s["repair_labels"], dtype=np.int64))
+            done[key] = mine[key] = r
+            cache.write_text(json.dumps(mine))
+            print(f"{key}: {time.perf_counter() - t0:.0f} s", file=sys.__stdout__, flush=True)
+    if shard is not None:
+        return
     print("## Issue 15 cases: digits and MNIST, CNNs and MLPs (default rule vs calibrated)\n")
     print("Attack success (ASR) of the poisoned model on triggered test inputs of the source classes.\n")
     for title, pick in (
@@ -504,15 +531,7 @@ def run_cases(repair: bool, budget: float = float("inf")) -> None:
     print("|---|---|---|---|---|")
     totals = {"default": 0, "calibrated": 0}
     clean = [c.key for c in cases if c.attack == "none" and c.key in done]
-    for seed in range(4):  # the demo recipe's clean digit CNNs (the issue's clean twin)
-        key = f"zoo-cnn-s{seed}-clean"
-        if key not in done and seed > 0 and time.perf_counter() - started > budget:
-            continue
-        if key not in done or done[key].get("combine") != "max":
-            done[key] = _case_results(None, AC.zoo_case(seed), done.get(key))
-            done[key]["combine"] = "max"
-            cache.write_text(json.dumps(done))
-        clean.append(key)
+    clean += [f"zoo-cnn-s{s}-clean" for s in range(4) if f"zoo-cnn-s{s}-clean" in done]
     for key in clean:
         r = done[key]
         for name in totals:
@@ -526,30 +545,33 @@ def run_cases(repair: bool, budget: float = float("inf")) -> None:
 
 def run_repair(cases: list[Any], done: dict[str, Any], cache: Path) -> None:
     """Retrain on the raw data and on repaired.npz's rows (calibrated rule, relabel)."""
-    import json
-
     import ac_cases as AC
 
     print("### Repair: retraining on repaired.npz (calibrated rule, suspicious rows relabelled as ExRe decides)\n")
-    print("| case | ASR raw -> repaired | clean acc raw -> repaired | rows relabelled / dropped |")
-    print("|---|---|---|---|")
+    print("Poisoned cases with ASR >= 0.8. 'raw' is the case's own model: the same recipe and seed on the raw "
+          "data (training is deterministic), 'repaired' the same recipe and seed on repaired.npz's rows and labels. "
+          "Target: ASR < 0.10 at <= 1 point clean-accuracy cost.\n")
+    print("| case | held out | ASR raw -> repaired | clean acc raw -> repaired | rows relabelled / dropped | target met |")
+    print("|---|---|---|---|---|---|")
+    met: dict[bool, list[bool]] = {False: [], True: []}
+    asrs: dict[bool, list[float]] = {False: [], True: []}
     for case in cases:
         r = done.get(case.key)
-        if r is None or case.attack == "none" or r["asr"] < 0.8 or (case.dataset == "mnist" and case.arch == "cnn"):
+        if r is None or "repaired" not in r:
             continue
         s = r["calibrated"]
-        if "repaired" not in r:
-            x, _, _ = AC.poisoned(case)
-            rows = np.asarray(s["repair_rows"], dtype=np.int64)
-            labels = np.asarray(s["repair_labels"], dtype=np.int64)
-            r["repaired"] = AC.retrain_scores(case, x[rows], labels)
-            cache.write_text(json.dumps(done))
         acc2, asr2 = r["repaired"]
         y0 = AC.poisoned(case)[1]
         kept = np.asarray(s["repair_rows"], dtype=np.int64)
         relabelled = int((np.asarray(s["repair_labels"]) != y0[kept]).sum())
-        print(f"| {case.key} | {r['asr']:.2f} -> {asr2:.2f} | {r['acc']:.3f} -> {acc2:.3f} "
-              f"| {relabelled} / {len(y0) - len(kept)} |")
+        ok = asr2 < 0.10 and acc2 >= r["acc"] - 0.01
+        met[case.held_out].append(ok)
+        asrs[case.held_out].append(asr2)
+        print(f"| {case.key} | {'yes' if case.held_out else 'no'} | {r['asr']:.2f} -> {asr2:.2f} | {r['acc']:.3f} -> {acc2:.3f} "
+              f"| {relabelled} / {len(y0) - len(kept)} | {'yes' if ok else 'no'} |")
+    for held, name in ((False, "design"), (True, "held-out")):
+        if met[held]:
+            print(f"\n* {name}: target met in {sum(met[held])} of {len(met[held])}; median ASR after repair {np.median(asrs[held]):.2f}")
     print()
 
 
@@ -584,7 +606,13 @@ def main() -> None:
     ap.add_argument("--cases-only", action="store_true", help="only issue 15's cases")
     ap.add_argument("--no-repair", action="store_true")
     ap.add_argument("--budget", type=float, default=float("inf"), help="seconds for new cases")
+    ap.add_argument("--shard", help="i/n: compute every n-th case from the i-th, print nothing")
     args = ap.parse_args()
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        sys.path.insert(0, str(REPO / "bench"))
+        run_cases(repair=not args.no_repair, budget=args.budget, shard=(i, n))
+        return
     out = (results / ("ac-cases.md" if args.cases_only else "ac.md")).open("w", encoding="utf-8")
     sys.stdout = _Tee(sys.__stdout__, out)
     sys.path.insert(0, str(REPO / "bench"))

@@ -123,3 +123,121 @@ def test_p_value_is_a_bonferroni_normal_tail() -> None:
     assert abs(p_value(0.0, 1) - 0.5) < 1e-12
     assert abs(p_value(3.0, 10) - 10 * 0.0013498980316301) < 1e-9
     assert p_value(1.0, 100) == 1.0
+
+
+# Issue 15's cases, in process: the benchmark's own attacks and training recipe
+# (bench/ac_cases.py) on the 8x8 digits, activations taken in the test.
+
+
+def _bench_cases() -> Any:
+    import importlib.util
+    import sys
+
+    if "_ac_cases" in sys.modules:
+        return sys.modules["_ac_cases"]
+    path = Path(__file__).resolve().parents[1] / "bench" / "ac_cases.py"
+    spec = importlib.util.spec_from_file_location("_ac_cases", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_ac_cases"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _case_layers(**case: Any) -> tuple[dict[str, Any], np.ndarray]:
+    import torch
+
+    ac = _bench_cases()
+    c = ac.Case("digits", **case)
+    torch.set_num_threads(1)
+    x, y, mask = ac.poisoned(c)
+    net = ac.train(x, y, c.dataset, c.arch, c.seed)
+    _, asr = ac.attack_success(net, c)
+    d = ac.layers(net, x, c.arch)
+    d["y"], d["asr"] = y, asr
+    return d, mask
+
+
+def _f1(res: list[Any], mask: np.ndarray) -> float:
+    found = np.zeros(len(mask), dtype=bool)
+    for c in res:
+        found[list(c.suspicious_indices)] = True
+    tp = int((found & mask).sum())
+    return 2 * tp / max(2 * tp + int((found & ~mask).sum()) + int((~found & mask).sum()), 1)
+
+
+def _calibrated(d: dict[str, Any]) -> list[Any]:
+    return cluster_classes(d["hidden"], d["y"], CALIBRATED, exre_x=d["exre"], input_x=d["input"])
+
+
+def test_one_target_poisoning_from_one_source_class_is_flagged() -> None:
+    # 45 sevens blended with a noise pattern and labelled 1 (~a third of class 1).
+    d, mask = _case_layers(arch="cnn", attack="blend-1to1", n_poison=45, source=7, target=1)
+    assert d["asr"] >= 0.8
+    res = _calibrated(d)
+    assert [c.label for c in res if c.flagged] == [1]
+    assert _f1(res, mask) >= 0.95
+    (one,) = [c for c in res if c.label == 1]
+    assert one.suspected_source == 7 and one.p_value is not None
+    # The relabels repair would apply send the poison back to its source class.
+    relabels = dict(one.relabels)
+    assert np.mean([relabels[i] == 7 for i in np.flatnonzero(mask)]) >= 0.9
+
+
+def test_half_of_the_class_poisoned_all_to_one_is_flagged() -> None:
+    # BadNets patch, 10 % of every class -> 0: class 0 ends up about half poison.
+    d, mask = _case_layers(arch="cnn", attack="badnets-a2o", rate=0.10)
+    share = mask[d["y"] == 0].mean()
+    assert 0.35 < share < 0.6 and d["asr"] >= 0.8
+    res = _calibrated(d)
+    assert [c.label for c in res if c.flagged] == [0]
+    assert _f1(res, mask) >= 0.95
+
+
+def test_clean_twin_sub_populations_are_not_flagged() -> None:
+    # The demo recipe's clean digit CNN (80 % subset): its '1's written with a foot and other
+    # handwriting styles form k-means clusters of their own; neither rule may flag them.
+    import torch
+
+    from gate.demo import zoo
+
+    ac = _bench_cases()
+    torch.set_num_threads(1)
+    spec = zoo.ZooSpec(seed=0)
+    net = zoo.train(spec)
+    x, y, _ = zoo.training_set(spec)
+    d = ac.layers(net, x, "cnn")
+    for cfg in (ACConfig(), CALIBRATED):
+        res = cluster_classes(d["hidden"], y, cfg, exre_x=d["exre"], input_x=d["input"])
+        assert [c.label for c in res if c.flagged] == [], cfg.rule
+        assert all(c.skipped is None for c in res)
+    ps = [c.p_value for c in res]  # the calibrated rule's
+    assert all(p is not None and p >= CALIBRATED.alpha for p in ps), ps
+
+
+def test_holm_adjusts_over_the_classes() -> None:
+    from gate.ac.calibrated import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5] and holm([]) == []
+    assert holm([0.9, 0.9, 0.9]) == [1.0, 1.0, 1.0]
+
+
+def test_calibrated_check_that_analysed_nothing_is_not_a_pass(
+    a2a: dict[str, Any], tmp_path: Path
+) -> None:
+    # 5 classes of 8 digits: fewer than the 22 rows a class needs with 10 components.
+    x = np.load(a2a["data"])["x"][:40]
+    np.savez(tmp_path / "small.npz", x=x, y=np.arange(40) % 5)
+    policy = tmp_path / "calibrated.yaml"
+    policy.write_text("name: calibrated\nactivation_clustering:\n  rule: calibrated\n")
+    proc = run_gate(
+        "ac", str(a2a["model"]), "--data", str(tmp_path / "small.npz"), "--policy", str(policy),
+        "--report-dir", str(tmp_path / "out"), "--format", "json", "--quiet", env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    classes = report["activation_clustering"]["classes"]
+    assert all("too small" in (c["skipped"] or "") and c["p_value"] is None for c in classes)
+    (check,) = [c for c in report["checks"] if c["name"] == "activation_clustering"]
+    assert check["status"] == "not_analysed" and report["verdict"] == "fail"

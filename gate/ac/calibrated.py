@@ -17,7 +17,8 @@ contribute a few candidates each, so even with every class poisoned (all-to-all)
 and MAD stay close to those of the natural splits.
 
 The class's p-value is that of its best candidate under a standard normal reference for
-the score, Bonferroni-corrected for the number of candidates the class offered. It is a
+the score, Bonferroni-corrected for the number of candidates the class offered, then
+Holm-adjusted over the classes analysed (:func:`holm`). It is a
 nominal p-value (natural candidates have heavier tails than a normal), so ``alpha`` is
 small; the benchmark measures what it gives on clean models (bench/results/ac.md).
 A class is flagged when p < alpha, or when the ExRe layer's log-odds alone exceed
@@ -111,25 +112,44 @@ def p_value(score: float, n_tests: int) -> float:
     return float(min(1.0, max(n_tests, 1) * tail))
 
 
-def decide(
-    cfg: ACConfig, scored: Sequence[Scored], null: Null
-) -> tuple[Scored | None, float, bool]:
-    """(the class's strongest candidate, the class's p-value, flagged)."""
+def raw_p(scored: Sequence[Scored], null: Null) -> float:
+    """The class's p-value before the correction over classes: its strongest candidate's
+    upper normal tail, Bonferroni over its candidates (and over the spaces with ``max``)."""
     if not scored:
-        return None, 1.0, False
+        return 1.0
+    best = max(null.score(s) for s in scored)
+    tests = len(scored) * (null.n_spaces if null.combine == "max" else 1)
+    return p_value(best, tests)
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of the classes' p-values (family-wise error over the
+    classes analysed: a model with ten classes offers ten chances for a false flag)."""
+    order = sorted(range(len(ps)), key=lambda i: (ps[i], i))
+    out = [1.0] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def decide(
+    cfg: ACConfig, scored: Sequence[Scored], null: Null, p: float
+) -> tuple[Scored | None, bool]:
+    """(the class's strongest candidate, flagged) given the class's adjusted p-value ``p``."""
+    if not scored:
+        return None, False
     scores = [null.score(s) for s in scored]
     best = int(np.argmax(scores))
-    # The max over spaces is one more chance per space: Bonferroni over them too.
-    tests = len(scored) * (null.n_spaces if null.combine == "max" else 1)
-    p = p_value(scores[best], tests)
     confident = [
         i for i, s in enumerate(scored) if s.odds[0] is not None and s.odds[0] > cfg.exre_log_odds
     ]
     if p >= cfg.alpha and confident:
         # Not significant against the null, but the ExRe layer alone is sure of one.
         best = max(confident, key=lambda i: scores[i])
-        return scored[best], p, True
-    return scored[best], p, p < cfg.alpha
+        return scored[best], True
+    return scored[best], p < cfg.alpha
 
 
 def input_space(

@@ -182,7 +182,18 @@ def cluster_classes(
         return [d for d in done if isinstance(d, ClassClustering)]
     pool = [s for d in done if isinstance(d, _Prepared) for s in d.scored]
     null = calibrated.fit_null(pool, len(trainings), config.combine)
-    return [d if isinstance(d, ClassClustering) else _calibrated(config, d, null) for d in done]
+    preps = [d for d in done if isinstance(d, _Prepared)]
+    adjusted = dict(
+        zip(
+            (d.label for d in preps),
+            calibrated.holm([calibrated.raw_p(d.scored, null) for d in preps]),
+            strict=True,
+        )
+    )
+    return [
+        d if isinstance(d, ClassClustering) else _calibrated(config, d, null, adjusted[d.label])
+        for d in done
+    ]
 
 
 def _skip(label: int, n: int, why: str) -> ClassClustering:
@@ -266,9 +277,12 @@ def _score(
     return tuple(out)
 
 
-def _calibrated(cfg: ACConfig, prep: _Prepared, null: calibrated.Null) -> ClassClustering:
-    """Rule "calibrated", second pass: the class's best candidate against the model's null."""
-    best, p, flagged = calibrated.decide(cfg, prep.scored, null)
+def _calibrated(
+    cfg: ACConfig, prep: _Prepared, null: calibrated.Null, p: float
+) -> ClassClustering:
+    """Rule "calibrated", second pass: the class's best candidate against the model's null
+    (``p``: the class's p-value, Holm-adjusted over the classes)."""
+    best, flagged = calibrated.decide(cfg, prep.scored, null, p)
     if best is None:
         small = int(np.argmin(np.bincount(prep.assign, minlength=2)))
         mask = prep.assign == small
@@ -287,7 +301,7 @@ def _calibrated(cfg: ACConfig, prep: _Prepared, null: calibrated.Null) -> ClassC
             f"separation {cand.separation:.2f} > {cfg.separation_threshold}",
             f"ExRe log-odds {odds_text} (ExRe layer{', input' if len(best.odds) > 1 else ''}; "
             f"source {verdict.source}); this model's candidates: {null.describe()}",
-            f"calibrated score {null.score(best):.2f}, p {p:.2g} "
+            f"calibrated score {null.score(best):.2f}, p {p:.2g} (Holm over the classes) "
             f"({'<' if p < cfg.alpha else '>='} alpha {cfg.alpha:g})",
         )
         pick = Pick(
