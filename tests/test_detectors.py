@@ -192,3 +192,25 @@ def test_tampered_baseline_detector_arrays_exit_2(
     np.savez(bad / "fingerprints.npz", **arrays)  # type: ignore[arg-type]
     proc = run_gate("scan", str(demo_models["clean"]), "--baseline", str(bad), "--no-cache")
     assert_one_line_error(proc, "iforest", "inconsistent")
+
+
+def test_smoothed_p_values_are_continuous_monotone_and_within_the_conformal_range() -> None:
+    """Distinct scores get distinct p-values (rank p-values tie on n + 1 values), never
+    below the conformal p-value by more than one rank, nor above it past the first gap."""
+    rng = np.random.default_rng(0)
+    cal = rng.normal(size=9)
+    n = len(cal)
+    scores = np.linspace(cal.min() + 1e-6, cal.max() + 2.0, 400)
+    smooth = [p_value(float(s), cal, smooth=True) for s in scores]
+    assert len(set(smooth)) == len(smooth)  # no ties
+    assert all(a > b for a, b in itertools.pairwise(smooth))  # strictly falling
+    second = float(np.sort(cal)[1])
+    for s, p in zip(scores, smooth, strict=True):
+        rank = conformal_p_value(float(s), cal)
+        assert rank - 1 / (n + 1) - 1e-12 <= p
+        assert p <= (rank if s > second else 1.0) + 1e-12
+    # Continuous: no jump at the largest score (where the exponential tail starts) or at
+    # the smallest (where p leaves 1).
+    top, low = float(cal.max()), float(cal.min())
+    assert abs(p_value(top, cal, smooth=True) - p_value(top + 1e-9, cal, smooth=True)) < 1e-6
+    assert p_value(low + 1e-9, cal, smooth=True) > 1 - 1e-6

@@ -30,9 +30,35 @@ TAIL_FRACTION = 0.25
 TAIL_MIN = 3
 
 
-def p_value(score: float, calibration: Sequence[float], min_scale: float = 0.0) -> float:
-    """Conformal rank p-value inside the calibration range, exponential-tail extrapolation
-    beyond it.
+def smoothed_p_value(score: float, calibration: Sequence[float]) -> float:
+    """The conformal p-value made continuous inside the calibration range.
+
+    A rank p-value takes only n + 1 values, so distinct candidates tie (with three
+    detectors Cauchy-combined, a 6-reference baseline gave many clean and backdoored
+    models exactly the same anomaly score). The randomised conformal p-value is valid and
+    lies between (1 + #{cal > s}) / (n + 1) - 1/(n + 1) and (1 + #{cal >= s}) / (n + 1);
+    here the randomisation is replaced by the score's position between its neighbouring
+    calibration scores, linearly: p falls from (n - i + 1)/(n + 1) at the i-th smallest
+    score to (n - i)/(n + 1) at the next, reaching 1/(n + 1) at the largest, where the
+    exponential tail of :func:`p_value` takes over. At or below the smallest score p is 1,
+    and it falls from 1 over the first gap, so that p is continuous everywhere.
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    n = len(cal)
+    if n == 0 or score <= cal[0]:
+        return 1.0
+    # Knots (cal[i], (n - i)/(n + 1)); np.interp needs increasing x, which sorted cal is
+    # (ties collapse onto their last knot, the smaller p-value, as the rank would give).
+    knots = (n - np.arange(n)) / (n + 1)
+    knots[0] = 1.0
+    return float(np.interp(score, cal, knots))
+
+
+def p_value(
+    score: float, calibration: Sequence[float], min_scale: float = 0.0, smooth: bool = False
+) -> float:
+    """Conformal rank p-value inside the calibration range (continuous with ``smooth``, see
+    :func:`smoothed_p_value`), exponential-tail extrapolation beyond it.
 
     Peaks over threshold: the excesses of the top calibration scores over the next one are
     modelled as exponential (the generalised Pareto tail of Gaussian-, gamma- or
@@ -46,6 +72,8 @@ def p_value(score: float, calibration: Sequence[float], min_scale: float = 0.0) 
     n = len(cal)
     top = float(cal[-1])
     if score <= top:
+        if smooth:
+            return smoothed_p_value(score, _as_list(cal))
         return conformal_p_value(score, _as_list(cal))
     if n < 2:
         return 1.0 / (n + 1)

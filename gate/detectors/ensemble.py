@@ -111,7 +111,9 @@ class CalibratedEnsemble:
         for name, model in self.models_.items():
             s = float(model.score(z)[0])
             cal = self.calibration_[name]
-            results.append(DetectorScore(name, s, p_value(s, cal), conformal_p_value(s, cal)))
+            results.append(
+                DetectorScore(name, s, p_value(s, cal, smooth=True), conformal_p_value(s, cal))
+            )
         combined = cauchy_combine([r.p_value for r in results])
         dists = np.linalg.norm(self.reference_z_ - z, axis=1)
         return EnsembleVerdict(
