@@ -34,8 +34,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check gate tests bench
 	$(BIN)/mypy gate
 
+# Two workers by default (the CI machines have two cores); TEST_JOBS=0 runs serially.
+# --dist loadfile keeps each file on one worker, so its module fixtures train once.
+TEST_JOBS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 bench: bench-fingerprint bench-ac bench-scale
 

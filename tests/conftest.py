@@ -40,13 +40,28 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
         assert needle.lower() in err.lower(), (needle, err)
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory for one test run: per session serially, shared by the run's parallel
+    workers (pytest-xdist gives each worker a base directory inside the run's)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp(name)
+    return tmp_path_factory.getbasetemp().parent / name
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run `gate demo` once; later tests reuse its models, data and baseline."""
-    work = tmp_path_factory.mktemp("demo")
-    proc = run_gate("demo", "--workdir", str(work), timeout=1800)
-    assert proc.returncode == 0, proc.stderr
-    (work / "demo-stdout.txt").write_text(proc.stdout)
+    """Run `gate demo` once per test run; later tests, on every worker, reuse its models,
+    data and baseline (the first worker to need it trains it, the others wait)."""
+    from filelock import FileLock
+
+    work = shared_dir(tmp_path_factory, "demo")
+    done = work / "demo-stdout.txt"
+    with FileLock(str(work) + ".lock"):
+        if not done.is_file():
+            work.mkdir(exist_ok=True)
+            proc = run_gate("demo", "--workdir", str(work), timeout=1800)
+            assert proc.returncode == 0, proc.stderr
+            done.write_text(proc.stdout)
     return work
 
 
