@@ -185,17 +185,16 @@ def test_no_github_env_writes_nothing(
 
 
 def test_step_summary_is_truncated(tmp_path: Path) -> None:
-    from gate.cli.commands import STEP_SUMMARY_LIMIT, _append_step_summary
+    from gate.ci.github import STEP_SUMMARY_LIMIT, truncated
 
-    path = tmp_path / "summary"
-    _append_step_summary(path, "é" * STEP_SUMMARY_LIMIT)
-    data = path.read_bytes()
+    data = truncated("é" * STEP_SUMMARY_LIMIT)
     assert len(data) < STEP_SUMMARY_LIMIT
     assert data.decode("utf-8").endswith("see report.json)_\n")
 
 
 def test_annotation_escaping() -> None:
-    from gate.cli.commands import _escape_data, _escape_property
+    from gate.ci.github import escape_data as _escape_data
+    from gate.ci.github import escape_property as _escape_property
 
     assert _escape_data("50% a\nb") == "50%25 a%0Ab"
     assert _escape_property("a:b,c") == "a%3Ab%2Cc"
@@ -307,6 +306,7 @@ def test_examples_wire_the_reports() -> None:
     assert reports == {
         "junit": "gate-report/junit.xml",
         "codequality": "gate-report/gl-code-quality.json",
+        "dotenv": "gate-report/gate.env",
     }
 
 

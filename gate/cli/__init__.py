@@ -67,13 +67,30 @@ def run() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gate.report.escape import StopCommands
+    from gate import ci
 
-    # Under GitHub Actions everything gate prints runs inside ::stop-commands:: (a random
-    # token): a model path or layer name cannot become a workflow command even if some
-    # output missed escaping. gate's own annotations are printed after it ends.
-    with StopCommands():
+    # Under a CI system everything gate prints runs inside its guard (GitHub: a
+    # ::stop-commands:: wrap with a random token): a model path or layer name cannot become
+    # a workflow command even if some output missed escaping. gate's own annotations are
+    # printed after it ends. The guard writes where the human output goes: stderr when
+    # stdout carries a report (`-o -`).
+    args = sys.argv[1:] if argv is None else list(argv)
+    stream = sys.stderr if _stdout_is_data(args) else sys.stdout
+    with ci.guard(os.environ, stream):
         return _main(argv)
+
+
+def _stdout_is_data(argv: Sequence[str]) -> bool:
+    """Whether ``-o -`` / ``--output -`` asks for the report on stdout. Looked for before
+    parsing because the guard must be up before argparse may print an (untrusted) name."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return False
+        if arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == "-":
+            return True
+        if arg in ("-o-", "--output=-"):
+            return True
+    return False
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gate._version import __version__
-from gate.cli import commands
+from gate.cli import baseline_commands, commands, info_commands
 
 DEFAULT_REPORT_DIR = "gate-report"
 
@@ -167,6 +167,39 @@ def _add_arch_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+_MODEL_HELP = "the model: a TorchScript, state_dict, safetensors or ONNX file, or a HF directory"
+_SEED_HELP = "random seed (default: 0); the same inputs and seed give the same report"
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    """--report-dir, --format, -o/--output and --quiet: scan, ac and ac-merge."""
+    p.add_argument(
+        "--report-dir",
+        type=_report_dir,
+        default=DEFAULT_REPORT_DIR,
+        metavar="DIR",
+        help=f"directory for the reports and their side files (default: {DEFAULT_REPORT_DIR})",
+    )
+    p.add_argument(
+        "--format",
+        type=_optional,
+        default=None,
+        metavar="FMT[,FMT]",
+        help="report formats: markdown, json, sarif, junit, codequality (default: "
+        "markdown,json; with -o: json)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=_optional,
+        default=None,
+        metavar="FILE",
+        help="write the one --format to FILE instead of --report-dir ('-': stdout, the "
+        "summary then goes to stderr); other files still go to --report-dir",
+    )
+    p.add_argument("--quiet", action="store_true", help="print neither the summary nor progress")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gate",
@@ -188,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = blsub.add_parser(
         "build", help="fingerprint known-clean models into a baseline directory"
     )
-    build.add_argument("models", nargs="+", metavar="MODEL")
+    build.add_argument("models", nargs="+", metavar="MODEL", help="known-clean model files")
     build.add_argument("--out", required=True, metavar="DIR", help="baseline directory to write")
     build.add_argument(
         "--data",
@@ -210,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REP",
         help="raw, logits, gram, or a '+' combination (default: logits)",
     )
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     build.add_argument(
         "--shard",
         type=_shard,
@@ -223,21 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_perf_options(build)
     _add_arch_options(build)
     _add_sandbox_options(build)
-    build.set_defaults(handler=commands.baseline_build)
+    build.set_defaults(handler=baseline_commands.baseline_build)
     merge = blsub.add_parser(
         "merge", help="combine the shards of `baseline build --shard` into one baseline"
     )
-    merge.add_argument("shards", nargs="+", metavar="SHARD_DIR")
+    merge.add_argument(
+        "shards", nargs="+", metavar="SHARD_DIR", help="shard directories, all N of them"
+    )
     merge.add_argument("--out", required=True, metavar="DIR", help="baseline directory to write")
-    merge.set_defaults(handler=commands.baseline_merge)
+    merge.set_defaults(handler=baseline_commands.baseline_merge)
     show = blsub.add_parser("show", help="print a baseline's manifest")
-    show.add_argument("dir", metavar="DIR")
-    show.set_defaults(handler=commands.baseline_show)
+    show.add_argument("dir", metavar="DIR", help="baseline directory")
+    show.set_defaults(handler=baseline_commands.baseline_show)
 
     scan = sub.add_parser(
         "scan", help="scan a candidate model against a baseline and apply a policy"
     )
-    scan.add_argument("model", metavar="MODEL")
+    scan.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     scan.add_argument(
         "--baseline",
         type=_optional,
@@ -271,19 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the policy's fingerprint.fail_alpha (in (0, 1); warn_alpha is raised "
         "to it if lower)",
     )
-    scan.add_argument("--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR")
-    scan.add_argument(
-        "--format",
-        type=_optional,
-        default=None,
-        metavar="FMT[,FMT]",
-        help="report formats: markdown, json, sarif, junit, codequality (default: markdown,json)",
-    )
+    _add_report_options(scan)
     scan.add_argument(
         "--layer", type=_optional, metavar="NAME", help="layer for activation clustering"
     )
-    scan.add_argument("--seed", type=int, default=0)
-    scan.add_argument("--quiet", action="store_true", help="do not print the summary")
+    scan.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     _add_trigger_options(scan)
     _add_perf_options(scan)
     _add_arch_options(scan)
@@ -291,21 +318,36 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(handler=commands.scan)
 
     ac = sub.add_parser("ac", help="per-class activation clustering on a training set")
-    ac.add_argument("model", metavar="MODEL")
+    ac.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     ac.add_argument(
         "--data",
         required=True,
         metavar="DATA",
         help=".npz with x and y, or JSONL lines with text and label (text models)",
     )
-    ac.add_argument("--policy", metavar="NAME_OR_FILE")
-    ac.add_argument("--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR")
-    ac.add_argument("--format", type=_optional, default=None, metavar="FMT[,FMT]")
-    ac.add_argument("--layer", metavar="NAME")
-    ac.add_argument("--seed", type=int, default=0)
-    ac.add_argument("--quiet", action="store_true")
-    ac.add_argument("--reduction", choices=("ica", "pca"), default="pca")
-    ac.add_argument("--segment-by", choices=("label", "predicted"), default="label")
+    ac.add_argument(
+        "--policy",
+        metavar="NAME_OR_FILE",
+        help="shipped policy name or YAML file for the activation_clustering rule "
+        "(default: default)",
+    )
+    _add_report_options(ac)
+    ac.add_argument(
+        "--layer", metavar="NAME", help="layer to cluster (default: the last hidden layer)"
+    )
+    ac.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
+    ac.add_argument(
+        "--reduction",
+        choices=("ica", "pca"),
+        default="pca",
+        help="dimension reduction before k-means (default: pca)",
+    )
+    ac.add_argument(
+        "--segment-by",
+        choices=("label", "predicted"),
+        default="label",
+        help="split the data by its labels (default) or by the model's predictions",
+    )
     ac.add_argument("--pool", action="store_true", help="global-average-pool conv maps")
     ac.add_argument(
         "--detector",
@@ -347,24 +389,27 @@ def build_parser() -> argparse.ArgumentParser:
     ac_merge = sub.add_parser(
         "ac-merge", help="combine the report dirs of `gate ac --classes` jobs into one report"
     )
-    ac_merge.add_argument("parts", nargs="+", metavar="PART_DIR")
-    ac_merge.add_argument("--policy", metavar="NAME_OR_FILE", help="the parts' policy")
     ac_merge.add_argument(
-        "--report-dir", type=_report_dir, default=DEFAULT_REPORT_DIR, metavar="DIR"
+        "parts", nargs="+", metavar="PART_DIR", help="report dirs of `gate ac --classes` jobs"
     )
-    ac_merge.add_argument("--format", type=_optional, default=None, metavar="FMT[,FMT]")
-    ac_merge.add_argument("--quiet", action="store_true")
+    ac_merge.add_argument("--policy", metavar="NAME_OR_FILE", help="the parts' policy")
+    _add_report_options(ac_merge)
     ac_merge.set_defaults(handler=commands.ac_merge)
 
     inspect = sub.add_parser("inspect", help="list a model's layers and their output shapes")
-    inspect.add_argument("model", metavar="MODEL")
-    inspect.add_argument("--input-shape", type=_shape, metavar="C,H,W")
+    inspect.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    inspect.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="per-sample input shape, to run the model once and show output shapes",
+    )
     inspect.add_argument(
         "--data", metavar="DATA", help="take the input shape (text models: a text) from this data"
     )
     _add_arch_options(inspect)
     _add_sandbox_options(inspect)
-    inspect.set_defaults(handler=commands.inspect)
+    inspect.set_defaults(handler=info_commands.inspect)
 
     demo = sub.add_parser(
         "demo", help="train a digits model family, build a baseline, scan two candidates"
@@ -375,16 +420,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where trained models and reports are cached",
     )
-    demo.set_defaults(handler=commands.demo)
+    demo.set_defaults(handler=info_commands.demo)
 
     pol = sub.add_parser("policy", help="show or validate policies")
     polsub = pol.add_subparsers(title="policy commands", metavar="COMMAND")
     pshow = polsub.add_parser("show", help="print a policy with every default filled in")
-    pshow.add_argument("name", nargs="?", default="default", metavar="NAME_OR_FILE")
-    pshow.set_defaults(handler=commands.policy_show)
+    pshow.add_argument(
+        "name",
+        nargs="?",
+        default="default",
+        metavar="NAME_OR_FILE",
+        help="shipped policy name or YAML file (default: default)",
+    )
+    pshow.set_defaults(handler=info_commands.policy_show)
     pval = polsub.add_parser("validate", help="check a policy file")
-    pval.add_argument("file", metavar="FILE")
-    pval.set_defaults(handler=commands.policy_validate)
+    pval.add_argument("file", metavar="FILE", help="policy YAML file")
+    pval.set_defaults(handler=info_commands.policy_validate)
     pschema = polsub.add_parser("schema", help="print the policy JSON Schema")
-    pschema.set_defaults(handler=commands.policy_schema)
+    pschema.set_defaults(handler=info_commands.policy_schema)
+
+    comp = sub.add_parser(
+        "completion", help="print a shell completion script (bash, zsh or tcsh)"
+    )
+    comp.add_argument(
+        "shell",
+        choices=("bash", "zsh", "tcsh"),
+        help="the shell; e.g. `gate completion bash > /etc/bash_completion.d/gate`",
+    )
+    comp.set_defaults(handler=info_commands.completion)
     return p

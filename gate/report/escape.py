@@ -9,18 +9,15 @@ starts a new log line, and a line starting with ``::`` is a GitHub Actions workf
   (bidi overrides), separator and surrogate characters become visible ``\\xNN``/``\\uNNNN``
   escapes, so a name can never start a line.
 * :func:`xml_text` replaces what XML 1.0 forbids, for junit.xml.
-* :class:`StopCommands` wraps a whole run's output in GitHub's own
+* gate.ci.github's ``StopCommands`` wraps a whole run's output in GitHub's own
   ``::stop-commands::TOKEN`` ... ``::TOKEN::`` (a random token per run) under
   ``GITHUB_ACTIONS=true``, as a second layer; gate's own annotations are queued with
-  :func:`emit_workflow_commands` and printed after the wrap ends, so they still work.
+  ``gate.ci.emit_commands`` and printed after the wrap ends, so they still work.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import unicodedata
-from typing import TextIO
 
 # Cc: C0/DEL/C1 controls; Cf: format characters (bidi overrides that reorder a line, zero
 # width); Zl/Zp: U+2028/U+2029, which some viewers break lines on; Cs: lone surrogates (a
@@ -75,58 +72,3 @@ def md_code(text: object) -> str:
     fence = "`" * (longest + 1)
     pad = " " if s.startswith("`") or s.endswith("`") else ""
     return f"{fence}{pad}{s}{pad}{fence}"
-
-
-def github_actions() -> bool:
-    return os.environ.get("GITHUB_ACTIONS") == "true"
-
-
-class StopCommands:
-    """Under GitHub Actions, stop workflow-command processing for a whole run.
-
-    Entered at the start of the CLI (before anything can print untrusted text) and left at
-    the end; gate's own annotations, queued meanwhile with :func:`emit_workflow_commands`,
-    are printed after ``::TOKEN::`` resumes processing. Both markers go to stdout, and
-    stderr is flushed before the resume, so the step's log keeps the order. Elsewhere it
-    does nothing and queued commands print at once.
-    """
-
-    active: StopCommands | None = None
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream
-        self.token = ""
-        self.pending: list[str] = []
-
-    def __enter__(self) -> StopCommands:
-        if github_actions() and StopCommands.active is None:
-            import secrets  # only here: `gate --help` stays quick to start
-
-            self.token = secrets.token_hex(16)
-            out = self.stream or sys.stdout
-            out.write(f"::stop-commands::{self.token}\n")
-            out.flush()
-            StopCommands.active = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if StopCommands.active is not self:
-            return
-        StopCommands.active = None
-        sys.stderr.flush()
-        out = self.stream or sys.stdout
-        out.write(f"::{self.token}::\n")
-        for line in self.pending:
-            out.write(line + "\n")
-        out.flush()
-
-
-def emit_workflow_commands(lines: list[str]) -> None:
-    """Print gate's own workflow commands (already escaped by their writer): after the
-    stop-commands wrap when one is active, otherwise now."""
-    guard = StopCommands.active
-    if guard is not None:
-        guard.pending.extend(lines)
-        return
-    for line in lines:
-        print(line)
