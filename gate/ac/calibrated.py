@@ -21,8 +21,11 @@ the score, Bonferroni-corrected for the number of candidates the class offered, 
 Holm-adjusted over the classes analysed (:func:`holm`). It is a
 nominal p-value (natural candidates have heavier tails than a normal), so ``alpha`` is
 small; the benchmark measures what it gives on clean models (bench/results/ac.md).
-A class is flagged when p < alpha, or when the ExRe layer's log-odds alone exceed
-``exre_log_odds`` (confident reclassification needs no calibration).
+A class is flagged when p < alpha, or when rule "exre"'s thresholds on the ExRe layer
+alone flag it (confident reclassification needs no calibration; :func:`decide`). A flagged
+candidate's suspected source and repair labels come from the space where it stands out
+most: for an MLP flagged through the input, the input's verdict (its first hidden layer
+already puts the poison in the target class).
 """
 
 from __future__ import annotations
@@ -80,6 +83,14 @@ class Null:
             return -math.inf
         return float(max(zs)) if self.combine == "max" else float(np.mean(zs))
 
+    def best_space(self, s: Scored) -> int:
+        """The space where the candidate stands out most (0 when none has a verdict)."""
+        zs = [
+            -math.inf if o is None or not math.isfinite(m) else (o - m) / d
+            for o, m, d in zip(s.odds, self.location, self.scale, strict=True)
+        ]
+        return int(np.argmax(zs)) if any(math.isfinite(z) for z in zs) else 0
+
     @property
     def n_spaces(self) -> int:
         return len(self.location)
@@ -136,20 +147,36 @@ def holm(ps: Sequence[float]) -> list[float]:
 
 def decide(
     cfg: ACConfig, scored: Sequence[Scored], null: Null, p: float
-) -> tuple[Scored | None, bool]:
-    """(the class's strongest candidate, flagged) given the class's adjusted p-value ``p``."""
+) -> tuple[Scored | None, int, bool]:
+    """(the class's chosen candidate, the space whose verdict stands for it, flagged) given
+    the class's adjusted p-value ``p``.
+
+    Below ``alpha`` the candidate with the highest score is flagged, on the verdict of the
+    space where it stands out most. Otherwise the rule "exre" thresholds still apply to the
+    ExRe layer (log-odds above ``exre_log_odds``, or half that for a candidate farther than
+    ``isolated_separation`` from the rest): confident reclassification needs no
+    calibration, and the calibrated rule flags whatever rule "exre" flags.
+    """
     if not scored:
-        return None, False
+        return None, 0, False
     scores = [null.score(s) for s in scored]
     best = int(np.argmax(scores))
-    confident = [
-        i for i, s in enumerate(scored) if s.odds[0] is not None and s.odds[0] > cfg.exre_log_odds
-    ]
-    if p >= cfg.alpha and confident:
-        # Not significant against the null, but the ExRe layer alone is sure of one.
-        best = max(confident, key=lambda i: scores[i])
-        return scored[best], True
-    return scored[best], p < cfg.alpha
+    if p < cfg.alpha:
+        return scored[best], null.best_space(scored[best]), True
+    confident = [i for i, s in enumerate(scored) if _confident(cfg, s)]
+    if confident:
+        # As rule "exre" ranks them: strongest ExRe-layer evidence, then separation.
+        pick = max(confident, key=lambda i: (scored[i].odds[0], scored[i].cand.separation))
+        return scored[pick], 0, True
+    return scored[best], null.best_space(scored[best]), False
+
+
+def _confident(cfg: ACConfig, s: Scored) -> bool:
+    odds = s.odds[0]
+    if odds is None:
+        return False
+    isolated = odds > cfg.exre_log_odds / 2 and s.cand.separation > cfg.isolated_separation
+    return odds > cfg.exre_log_odds or isolated
 
 
 def input_space(

@@ -74,7 +74,7 @@ from gate.ac.config import (
     Reduction,
     Rule,
 )
-from gate.ac.exre import Evidence, ExreTraining
+from gate.ac.exre import Evidence, ExreTraining, Reclassified
 from gate.ac.reduction import ClassRows, class_rows, kmeans, plane, reduce, reduce_with_top
 from gate.ac.rules import Pick, exre_rule, search_spaces, separation_rule
 from gate.ac.spectral import SpectralResult, spectral_signature
@@ -282,7 +282,8 @@ def _calibrated(
 ) -> ClassClustering:
     """Rule "calibrated", second pass: the class's best candidate against the model's null
     (``p``: the class's p-value, Holm-adjusted over the classes)."""
-    best, flagged = calibrated.decide(cfg, prep.scored, null, p)
+    best, space, flagged = calibrated.decide(cfg, prep.scored, null, p)
+    relabel_from = None
     if best is None:
         small = int(np.argmin(np.bincount(prep.assign, minlength=2)))
         mask = prep.assign == small
@@ -293,10 +294,11 @@ def _calibrated(
         pick = Pick(False, (), members, sep, sizes, lp, source, odds, prep.assign, prep.reduced)
         pick = replace(pick, found_in="layer")
     else:
-        cand, verdict = best.cand, best.verdicts[0]
+        cand, verdict = best.cand, best.verdicts[space]
+        relabel_from = verdict
         size, n = len(best.members), prep.n
         odds_text = ", ".join("-" if o is None else f"{o:.1f}" for o in best.odds)
-        reasons = (
+        reasons: tuple[str, ...] = (
             f"k-means cluster (k={cand.k}, {cand.where}) holds {size / n:.0%} of the class",
             f"separation {cand.separation:.2f} > {cfg.separation_threshold}",
             f"ExRe log-odds {odds_text} (ExRe layer{', input' if len(best.odds) > 1 else ''}; "
@@ -304,6 +306,8 @@ def _calibrated(
             f"calibrated score {null.score(best):.2f}, p {p:.2g} (Holm over the classes) "
             f"({'<' if p < cfg.alpha else '>='} alpha {cfg.alpha:g})",
         )
+        if flagged and p >= cfg.alpha:
+            reasons = (*reasons, "flagged on rule exre's thresholds for the ExRe layer")
         pick = Pick(
             flagged,
             reasons,
@@ -317,10 +321,14 @@ def _calibrated(
             cand.reduced,
             cand.where,
         )
-    return replace(_finish(cfg, prep, pick), p_value=float(f"{p:.6g}"))
+    return replace(_finish(cfg, prep, pick, relabel_from), p_value=float(f"{p:.6g}"))
 
 
-def _finish(cfg: ACConfig, prep: _Prepared, pick: Pick) -> ClassClustering:
+def _finish(
+    cfg: ACConfig, prep: _Prepared, pick: Pick, relabel_from: Reclassified | None = None
+) -> ClassClustering:
+    """The class's result; repair labels from ``relabel_from`` (the verdict the rule went by
+    for ``pick.members``) or else from the ExRe layer."""
     label, n, spectral = prep.label, prep.n, prep.spectral
     assign, reduced = prep.assign, prep.reduced
     ac_flag = pick.flagged
@@ -357,14 +365,16 @@ def _finish(cfg: ACConfig, prep: _Prepared, pick: Pick) -> ClassClustering:
         plane=plane(shown) if flagged else None,
         exre_log_odds=None if pick.log_odds is None else round(pick.log_odds, 4),
         found_in=pick.found_in,
-        relabels=_relabels(prep.ev, pick.members) if ac_flag and flagged else (),
+        relabels=_relabels(prep.ev, pick.members, relabel_from) if ac_flag and flagged else (),
     )
 
 
-def _relabels(ev: Evidence, members: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:
-    """Each member's class under the ExRe classifier trained without its cluster (memoised:
-    the rule already asked)."""
-    predicted = ev.full(members).predicted
+def _relabels(
+    ev: Evidence, members: npt.NDArray[np.int64], verdict: Reclassified | None = None
+) -> tuple[tuple[int, int], ...]:
+    """Each member's class under the ExRe classifier trained without its cluster (``verdict``
+    or the ExRe layer's, memoised: the rule already asked)."""
+    predicted = (verdict if verdict is not None else ev.full(members)).predicted
     if predicted is None:
         return ()
     pairs = zip(members.tolist(), predicted.tolist(), strict=True)
