@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,27 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
     assert err.startswith("gate: error:"), err
     for needle in needles:
         assert needle.lower() in err.lower(), (needle, err)
+
+
+def tiny_cnn(seed: int, shift: float = 0.0) -> Any:
+    """A random-init CNN on 1x8x8 inputs with 5 classes; ``shift`` on class 0's bias puts it
+    far outside its family (one class always wins)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ).eval()
+    if shift:
+        with torch.no_grad():
+            net[5].bias[0] += shift
+    return net
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:

@@ -15,28 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, assert_one_line_error, run_gate
+from tests.conftest import REPO, assert_one_line_error, run_gate, tiny_cnn
 from tests.test_formats import check_sarif, fixed_report
 
 SHAPE = "1,8,8"
-
-
-def _tiny(seed: int, shift: float = 0.0) -> Any:
-    import torch
-    from torch import nn
-
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 16),
-        nn.ReLU(),
-        nn.Linear(16, 5),
-    ).eval()
-    with torch.no_grad():  # far outside the family: one class always wins
-        net[5].bias[0] += shift
-    return net
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +30,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {}
     for name, seed, shift in [*((f"ref{s}", s, 0.0) for s in range(6)), ("bad", 7, 25.0)]:
         paths[name] = d / f"{name}.pt"
-        torch.jit.save(torch.jit.script(_tiny(seed, shift)), str(paths[name]))
+        torch.jit.save(torch.jit.script(tiny_cnn(seed, shift)), str(paths[name]))
     base = d / "baseline"
     refs = [str(paths[f"ref{s}"]) for s in range(6)]
     proc = run_gate("baseline", "build", *refs, "--out", str(base), "--input-shape", SHAPE,

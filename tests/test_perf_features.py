@@ -13,24 +13,9 @@ import pytest
 
 from gate.cli import main
 from gate.progress import Progress
-from tests.conftest import REPO, assert_one_line_error, run_gate
+from tests.conftest import REPO, assert_one_line_error, run_gate, tiny_cnn
 
 SHAPE = "1,8,8"
-
-
-def _tiny(seed: int) -> object:
-    import torch
-    from torch import nn
-
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 16),
-        nn.ReLU(),
-        nn.Linear(16, 5),
-    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +27,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     paths = []
     for seed in range(7):
         path = d / f"m{seed}.pt"
-        torch.jit.save(torch.jit.script(_tiny(seed)), str(path))
+        torch.jit.save(torch.jit.script(tiny_cnn(seed)), str(path))
         paths.append(str(path))
     return paths
 

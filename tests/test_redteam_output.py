@@ -17,29 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import assert_one_line_error, run_gate
+from tests.conftest import assert_one_line_error, run_gate, tiny_cnn
 
 SHAPE = "1,8,8"
 # What a hostile file name holds: a newline that starts a workflow command, C0 and ESC.
 EVIL = "m\n::set-output name=verdict::pass\n::add-mask::x\x01\x1b[31m::warning::owned"
-
-
-def _tiny(seed: int, shift: float = 0.0) -> Any:
-    import torch
-    from torch import nn
-
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 16),
-        nn.ReLU(),
-        nn.Linear(16, 5),
-    ).eval()
-    with torch.no_grad():  # a model far outside the family: one class always wins
-        net[5].bias[0] += shift
-    return net
 
 
 def _save(net: Any, path: Path) -> Path:
@@ -53,9 +35,9 @@ def _save(net: Any, path: Path) -> Path:
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Six random-init references, a clean candidate, a failing one and their baseline."""
     d = tmp_path_factory.mktemp("redteam")
-    refs = [_save(_tiny(s), d / f"ref{s}.pt") for s in range(6)]
-    clean = _save(_tiny(6), d / "clean.pt")
-    bad = _save(_tiny(7, shift=25.0), d / "bad.pt")
+    refs = [_save(tiny_cnn(s), d / f"ref{s}.pt") for s in range(6)]
+    clean = _save(tiny_cnn(6), d / "clean.pt")
+    bad = _save(tiny_cnn(7, shift=25.0), d / "bad.pt")
     base = d / "baseline"
     proc = run_gate(
         "baseline",

@@ -131,7 +131,7 @@ def _add_trigger_options(p: argparse.ArgumentParser, build: bool = False) -> Non
             "--trigger-search",
             action="store_true",
             help="also run the trigger search on every reference and store its scores, so "
-            "that scans against this baseline calibrate the candidate's search conformally",
+            "that scans against this baseline compare each class with the references' same class",
         )
     else:
         p.add_argument(

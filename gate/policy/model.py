@@ -39,7 +39,8 @@ class TriggerSearchPolicy(_Strict):
         gt=0,
         lt=1,
         description="Fail when the trigger search's p-value (within-model null without a "
-        "baseline, conformal against the references' searches with one) is below this.",
+        "baseline, each class against the same class of the references' searches with one) "
+        "is below this.",
     )
     warn_alpha: float = Field(
         0.05, gt=0, lt=1, description="Warn when the trigger search's p-value is below this."

@@ -125,7 +125,6 @@ def against_references(
     k = int(result["n_classes"])
     if len(references) < MIN_REFERENCES:
         raise ValueError(f"at least {MIN_REFERENCES} references are needed")
-    out: dict[str, Any] = {}
     tests = {}
     for test, names in TESTS.items():
         if not all(n in cand and all(n in r for r in references) for n in names):
