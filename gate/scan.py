@@ -227,16 +227,23 @@ def trigger_stage(
         shape,
         seed,
     )
+    if calibration is not None and inputs != calibration.inputs:
+        hint = "--data" if calibration.inputs == "data" else "--input-shape without --data"
+        why = (
+            f"the baseline's trigger searches ran on {calibration.inputs} inputs, this scan's "
+            f"would run on {inputs} inputs; give {hint}, as the baseline was built"
+        )
+        if request.mode == "on":  # asked for explicitly: a usage error, not a quiet skip
+            raise MismatchError(why)
+        return build_report(
+            {"status": "not_run", "reason": f"{why} (the check did not run; this is not a pass)"},
+            policy.trigger_search.warn_alpha, None, inputs,
+        )  # fmt: skip
     options = dict(options)
     if options.get("input_range") is None:  # a baseline's stored range wins: same box
         options["input_range"] = input_range(data.x if isinstance(data, Dataset) else None)
     result = run_search(model, x, y, options, seed)
     refs = calibration.reference_classes if calibration is not None else None
-    if calibration is not None and inputs != calibration.inputs:
-        raise MismatchError(
-            f"the baseline's trigger search ran on {calibration.inputs} inputs, this scan's on "
-            f"{inputs} inputs; give the same kind (--data or --input-shape) as the baseline"
-        )
     report = build_report(result, policy.trigger_search.warn_alpha, refs, inputs)
     if report.status == "ok" and report.suspected_target is not None:
         png = picture(result, report.suspected_target, x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import run_gate
+from tests.conftest import assert_one_line_error, run_gate
 
 
 def test_demo_prints_both_verdicts(demo_dir: Path) -> None:
@@ -36,6 +36,23 @@ def test_demo_activation_clustering_finds_the_poison(demo_dir: Path) -> None:
     clean = json.loads((demo_dir / "report-clean" / "report.json").read_text())
     assert not any(c["flagged"] for c in clean["activation_clustering"]["classes"])
     assert clean["verdict"] == "pass"
+
+
+def test_demo_trigger_search_fails_the_backdoor_with_margin(demo_dir: Path) -> None:
+    """The demo's baseline stores the references' trigger searches, so each candidate
+    class is compared with the clean family's: the BadNets model fails that check by orders
+    of magnitude and it names the real target; the held-out clean model passes it."""
+    from gate.demo.run import BACKDOORED
+
+    bad = json.loads((demo_dir / "report-backdoored" / "report.json").read_text())
+    ts = bad["trigger_search"]
+    assert ts["status"] == "ok" and ts["suspected_target"] == BACKDOORED.target
+    assert ts["p_value"] < 1e-6, ts["p_value"]
+    status = {c["name"]: c["status"] for c in bad["checks"]}
+    assert status["trigger_search"] == "fail" and status["fingerprint"] == "fail"
+    clean = json.loads((demo_dir / "report-clean" / "report.json").read_text())
+    assert clean["trigger_search"]["p_value"] > 0.05
+    assert {c["name"]: c["status"] for c in clean["checks"]}["trigger_search"] == "pass"
 
 
 def test_demo_backdoor_really_works(demo_models: dict[str, Path]) -> None:
@@ -87,12 +104,33 @@ def test_scan_cli_passes_clean(
         "--report-dir",
         str(tmp_path),
         "--quiet",
+        "--trigger-search",
+        "off",  # the fingerprint alone: the search needs --data against this baseline
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verdict"] == "pass"
     assert 0.0 <= report["fingerprint"]["anomaly_score"] < 0.99
     assert proc.stdout == ""
+
+
+def test_trigger_search_without_the_baselines_kind_of_inputs_is_not_a_pass(
+    demo_dir: Path, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The demo's baseline searched its references on data inputs. A scan without --data
+    cannot be compared with them: by default the check is reported as not analysed, with
+    the reason (never a pass); asked for explicitly, it is a one-line usage error."""
+    base = ["scan", str(demo_models["clean"]), "--baseline", str(demo_dir / "baseline")]
+    proc = run_gate(*base, "--report-dir", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    check = {c["name"]: c for c in report["checks"]}["trigger_search"]
+    assert check["status"] == "not_analysed"  # the default policy does not require it
+    assert report["trigger_search"]["status"] == "not_run"
+    assert "--data" in report["trigger_search"]["reason"]
+    proc = run_gate(*base, "--report-dir", str(tmp_path / "on"), "--trigger-search", "on")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--data")
 
 
 def test_scan_is_deterministic(
