@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo image test lint bench bench-fingerprint bench-perf bench-ac bench-ac-margins bench-scale clean
+.PHONY: venv demo image test lint bench bench-fingerprint bench-perf bench-device bench-ac bench-ac-margins bench-scale clean
 
 # `make image`: the container image, with podman or docker (whichever is on PATH). Build
 # arguments pass through: BASE_IMAGE, TORCH_INDEX_URL, GATE_EXTRAS; WHEELHOUSE=DIR (anywhere)
@@ -57,6 +57,10 @@ bench-ac-margins: $(STAMP)
 
 bench-perf: $(STAMP)
 	$(BIN)/python bench/bench_perf.py
+
+# Skips, saying why, unless torch sees a CUDA or MPS device.
+bench-device: $(STAMP)
+	$(BIN)/python bench/bench_device.py
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py

@@ -184,7 +184,12 @@ def scan(
         gate_version=__version__,
         verdict=decision.verdict,
         policy=policy.name,
-        model=ModelInfo(path=model_path, sha256=model.sha256, format=model.format),
+        model=ModelInfo(
+            path=model_path,
+            sha256=model.sha256,
+            format=model.format,
+            device=str(getattr(model, "device", "cpu")),
+        ),
         checks=decision.checks,
         fingerprint=fp,
         activation_clustering=ac,

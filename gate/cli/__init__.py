@@ -39,13 +39,15 @@ def _arch_context(args: argparse.Namespace) -> AbstractContextManager[object]:
 
 
 def _sandbox_context(args: argparse.Namespace) -> AbstractContextManager[object]:
-    """--timeout/--memory-limit for the command's sandboxed model processes (gate.sandbox)."""
+    """--timeout/--memory-limit/--device for the command's sandboxed model processes."""
     if not hasattr(args, "timeout"):
         return contextlib.nullcontext()
+    from gate.device import check_spec
     from gate.sandbox import DEFAULT_TIMEOUT, SandboxOptions, use_sandbox
 
     timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT
-    return use_sandbox(SandboxOptions(timeout=timeout, memory_mb=args.memory_limit))
+    device = check_spec(getattr(args, "device", "cpu"))
+    return use_sandbox(SandboxOptions(timeout=timeout, memory_mb=args.memory_limit, device=device))
 
 
 def _prestart_sandbox(args: argparse.Namespace) -> None:

@@ -106,7 +106,7 @@ def _megabytes(text: str) -> int:
 
 
 def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
-    """--timeout and --memory-limit: the limits of the sandboxed process that runs the model."""
+    """--timeout, --memory-limit and --device: the sandboxed process that runs the model."""
     p.add_argument(
         "--timeout",
         type=_seconds,
@@ -121,6 +121,13 @@ def _add_sandbox_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MIB",
         help="address-space cap of the model's process (default: physical memory; 0: none)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="where forward passes and the trigger search run: cpu (default, the reference), "
+        "auto (a GPU when one is present), cuda, cuda:N or mps",
     )
 
 

@@ -66,6 +66,26 @@ class TextInput(Protocol):
         ...
 
 
+class OnDevice:
+    """``to_device`` for loaders whose model is a torch module held in ``_module``
+    (``--device``, gate.device: the sandboxed child moves it once, after loading)."""
+
+    device: str = "cpu"
+    _module: Any
+
+    def to_device(self, device: str) -> None:
+        self._module.to(device)
+        self.device = device
+
+
+def to_input(x: Array, device: str) -> Any:
+    """A batch as a torch tensor on ``device`` (on the CPU, a view of ``x``)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t if device == "cpu" else t.to(device)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

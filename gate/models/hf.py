@@ -457,10 +457,10 @@ class HFModel(EagerModel):
             )
 
     def _run(self, x: Array) -> Any:
-        import torch
+        from gate.models.base import to_input
 
-        ids = torch.from_numpy(np.ascontiguousarray(x[:, 0]).astype(np.int64))
-        mask = torch.from_numpy(np.ascontiguousarray(x[:, 1]).astype(np.int64))
+        ids = to_input(x[:, 0].astype(np.int64), self.device)
+        mask = to_input(x[:, 1].astype(np.int64), self.device)
         self._mask = mask
         return self._module(input_ids=ids, attention_mask=mask)
 

@@ -20,12 +20,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gate.errors import GateError, LayerError, ModelLoadError, UsageError, first_line
 from gate.models import safety
 from gate.models.arch import ArchSpec, build_module, code_identity, current_arch
-from gate.models.base import Array, ForwardResult, first_tensor, sha256_file, tensor_to_numpy
+from gate.models.base import (
+    Array,
+    ForwardResult,
+    OnDevice,
+    first_tensor,
+    sha256_file,
+    tensor_to_numpy,
+    to_input,
+)
 from gate.models.safety import check_zip_bounds, dangerous_globals, pickle_globals
 
 FORMAT = "state_dict"
@@ -190,7 +196,7 @@ def _build(path: Path, fmt: str, spec: ArchSpec, state: dict[str, Any]) -> Eager
 # --- the model ------------------------------------------------------------------------------
 
 
-class EagerModel:
+class EagerModel(OnDevice):
     """An eager ``nn.Module`` built from the user's ``--arch`` with weights from the file."""
 
     def __init__(self, path: str, sha256: str, fmt: str, module: Any) -> None:
@@ -284,9 +290,7 @@ class EagerModel:
 
     def _run(self, x: Array) -> Any:
         """Call the module on one batch (inside ``torch.inference_mode``)."""
-        import torch
-
-        return self._module(torch.from_numpy(np.ascontiguousarray(x)))
+        return self._module(to_input(x, self.device))
 
     def _activation(self, name: str, value: Any) -> Array:
         """A captured layer output as the activations recorded for it."""

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gate.errors import GateError, LayerError, ModelLoadError, UnsafeModelError, first_line
 from gate.models import safety
-from gate.models.base import Array, ForwardResult, first_tensor, sha256_file, tensor_to_numpy
+from gate.models.base import (
+    Array,
+    ForwardResult,
+    OnDevice,
+    first_tensor,
+    sha256_file,
+    tensor_to_numpy,
+    to_input,
+)
 from gate.models.safety import (
     TORCHSCRIPT_SAFE_PREFIXES,
     check_zip_bounds,
@@ -214,7 +220,7 @@ class _Candidate:
     index: int  # position in the list of tensor values of the inlined graph
 
 
-class TorchScriptModel:
+class TorchScriptModel(OnDevice):
     """A loaded TorchScript module (see module docstring for how layers are exposed)."""
 
     format = FORMAT
@@ -249,7 +255,7 @@ class TorchScriptModel:
             runner = self._runners[layers] = self._compile(layers)
         try:
             with torch.inference_mode():
-                out = runner(self._module._c, torch.from_numpy(np.ascontiguousarray(x)))
+                out = runner(self._module._c, to_input(x, self.device))
         except RuntimeError as exc:
             raise ModelLoadError(
                 f"{self.path}: forward pass failed on inputs of shape {tuple(x.shape)}: "

@@ -21,6 +21,11 @@ class ModelInfo(_Model):
     path: str
     sha256: str
     format: str
+    device: str = Field(
+        "cpu",
+        description="where the model's forward passes and trigger search ran (--device); "
+        "the CPU is the reference",
+    )
 
 
 class DetectorReport(_Model):

@@ -76,6 +76,7 @@ def _take_spare(options: SandboxOptions, what: str) -> ModelProcess | None:
         # set on claiming, but the CPU and memory limits were fixed at the child's start.
         if (
             proc.options.memory_mb == options.memory_mb
+            and proc.options.device == options.device
             and proc.options.cpu_seconds() >= options.cpu_seconds()
         ):
             proc.options = options

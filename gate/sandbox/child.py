@@ -1,9 +1,10 @@
-"""The model child: ``python -m gate.sandbox.child REQ_FD RESP_FD CPU_S MEMORY_B``.
+"""The model child: ``python -m gate.sandbox.child REQ_FD RESP_FD CPU_S MEMORY_B DEVICE``.
 
-It confines itself (gate.sandbox.limits), imports torch and gate's loaders, installs the
-syscall filter, and only then serves requests from the parent: load one model, run
-forward batches, tokenize texts, run the trigger search. Everything the model could
-print goes to this process's stdout/stderr, which the parent captures and never relays.
+It confines itself (gate.sandbox.limits), imports torch and gate's loaders, readies the
+``--device`` (gate.device), installs the syscall filter, and only then serves requests from
+the parent: load one model, run forward batches, tokenize texts, run the trigger search.
+Everything the model could print goes to this process's stdout/stderr, which the parent
+captures and never relays.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ def main(argv: list[str]) -> int:
     from gate.sandbox import limits
 
     req_fd, resp_fd, cpu_s, memory = (int(a) for a in argv[:4])
-    limits.apply_rlimits(cpu_s, memory if memory > 0 else None)
+    spec = argv[4] if len(argv) > 4 else "cpu"
+    # The address-space cap waits for the device to be known unless it is the CPU.
+    limits.apply_rlimits(cpu_s, memory if memory > 0 and spec == "cpu" else None)
 
     # Imported before the filter, like every loader: afterwards files only open to read.
     import numpy as np  # noqa: F401
@@ -35,9 +38,18 @@ def main(argv: list[str]) -> int:
     for var in limits.CACHE_DIRS:  # makedirs(exist_ok=True) then finds them there
         if os.environ.get(var):
             os.makedirs(os.environ[var], exist_ok=True)
+    ready: dict[str, Any] = {"ready": True}
+    device = "cpu"
+    try:
+        device = _ready_device(spec)
+    except BaseException as exc:  # reported on the first request, as a one-line error
+        ready["device_error"] = _describe(exc)
+    if device == "cpu" and spec != "cpu" and memory > 0:
+        limits.cap_memory(memory)
     seccomp_off = limits.install_seccomp()
-    protocol.send(resp_fd, {"ready": True, "seccomp": seccomp_off is None, "why": seccomp_off})
-    server = _Server()
+    ready.update({"seccomp": seccomp_off is None, "why": seccomp_off, "device": device})
+    protocol.send(resp_fd, ready)
+    server = _Server(device)
     while True:
         try:
             request = protocol.receive(req_fd)
@@ -53,9 +65,18 @@ def main(argv: list[str]) -> int:
         protocol.send(resp_fd, reply)
 
 
+def _ready_device(spec: str) -> str:
+    from gate import device
+
+    resolved = device.resolve(spec)
+    device.prepare(resolved)
+    return resolved
+
+
 class _Server:
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
         self.model: Any = None
+        self.device = device
 
     def handle(self, op: str, request: dict[str, Any]) -> Any:
         if op == "load":
@@ -98,12 +119,22 @@ class _Server:
         with context:
             model = load_in_process(request["path"])
         self.model = model
+        # Formats that run outside torch (ONNX: onnxruntime's CPU provider) stay on the CPU.
+        device = "cpu"
+        move = getattr(model, "to_device", None)
+        if self.device != "cpu" and callable(move):
+            move(self.device)
+            device = self.device
+        identity = getattr(model, "cache_identity", None)
+        if device != "cpu":  # another device's float noise never mixes with the CPU's cache
+            identity = f"{identity or model.sha256}@{device}"
         info: dict[str, Any] = {
             "sha256": model.sha256,
             "format": model.format,
+            "device": device,
             "layers": list(model.layer_names()),
             "kinds": dict(getattr(model, "layer_kinds", dict)()),
-            "cache_identity": getattr(model, "cache_identity", None),
+            "cache_identity": identity,
             "default": None,
             "default_error": None,
             "text": None,

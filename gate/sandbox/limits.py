@@ -53,6 +53,8 @@ def child_env(home: str, python_path: list[str], parent: Mapping[str, str]) -> d
             "TOKENIZERS_PARALLELISM": "false",
             "ORT_LOGGING_LEVEL": "3",
             "GATE_IN_SANDBOX": "1",
+            # CUDA's kernel cache would write under HOME, which the limits forbid anyway.
+            "CUDA_CACHE_DISABLE": "1",
         }
     )
     # Caches libraries create on import (torch's inductor/triton through transformers,
@@ -92,6 +94,11 @@ def apply_rlimits(cpu_seconds: int, memory_bytes: int | None) -> None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
+
+
+def cap_memory(memory_bytes: int) -> None:
+    """The address-space cap, set late: once ``--device auto`` turned out to be the CPU."""
+    _set(resource.RLIMIT_AS, memory_bytes)
 
 
 def _set(which: int, value: int) -> None:

@@ -17,10 +17,13 @@ _CPU_PER_SECOND = max(1, os.cpu_count() or 1)
 @dataclass(frozen=True)
 class SandboxOptions:
     """``timeout``: wall-clock seconds for one model's child, from start to last answer.
-    ``memory_mb``: its address-space cap (None: the machine's physical memory; 0: none)."""
+    ``memory_mb``: its address-space cap (None: the machine's physical memory; 0: none;
+    not applied on a GPU, whose driver reserves huge virtual ranges).
+    ``device``: ``--device`` as given (gate.device), resolved by the child."""
 
     timeout: float = DEFAULT_TIMEOUT
     memory_mb: int | None = None
+    device: str = "cpu"
 
     def cpu_seconds(self) -> int:
         return int(self.timeout * _CPU_PER_SECOND) + 30

@@ -49,6 +49,7 @@ class ModelProcess:
             str(resp_w),
             str(options.cpu_seconds()),
             str(memory),
+            options.device,
         ]
         self.started = time.monotonic()
         self.deadline = self.started + options.timeout
@@ -76,6 +77,7 @@ class ModelProcess:
         _LIVE.add(self)
         self.seccomp = False
         self.seccomp_why: str | None = None
+        self.device = "cpu"
         self._ready = False
         self._closed = False
 
@@ -93,6 +95,10 @@ class ModelProcess:
             why = ready.get("why")
             self.seccomp_why = why if isinstance(why, str) else None
             self._ready = True
+            if "device_error" in ready:  # --device names a device this machine lacks
+                raise _error_from(ready["device_error"], self)
+            device = ready.get("device")
+            self.device = device if isinstance(device, str) and len(device) < 32 else "cpu"
         try:
             protocol.send(self._req_w, {"op": op, **fields})
         except protocol.ProtocolError:

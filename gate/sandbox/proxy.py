@@ -40,6 +40,8 @@ class SandboxedModel:
         if isinstance(identity, str):
             self.cache_identity = identity
         self.seccomp = proc.seccomp
+        device = info.get("device", "cpu")
+        self.device: str = device if isinstance(device, str) and len(device) < 32 else "cpu"
 
     def layer_names(self) -> list[str]:
         return list(self._layers)

@@ -112,9 +112,12 @@ def run(
         raise UsageError("trigger search: inputs hold NaN or infinite values")
     import torch
 
+    # On another device (--device) the model's module is there already; every random
+    # draw is still made on the CPU, so the starts are the same as on the reference.
+    device = str(getattr(model, "device", "cpu"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _search(module, x, y, opts, seed)
+        return _search(module, x, y, opts, seed, device)
 
 
 def _search(
@@ -123,6 +126,7 @@ def _search(
     y: npt.NDArray[np.int64] | None,
     opts: dict[str, Any],
     seed: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     import torch
 
@@ -132,7 +136,7 @@ def _search(
         lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
         hi = lo + 1.0
-    xt = torch.from_numpy(x)
+    xt = torch.from_numpy(x).to(device)
     try:
         with torch.no_grad():
             logits = _logits(module, xt)
@@ -149,7 +153,7 @@ def _search(
     if logits.ndim != 2 or logits.shape[1] < 2:
         return not_run(f"the model's output has shape {tuple(logits.shape)}, not class logits")
     k = int(logits.shape[1])
-    pred = logits.argmax(1).numpy()
+    pred = logits.argmax(1).cpu().numpy()
     labels = pred if y is None else np.asarray(y, dtype=np.int64)
     if len(labels) != len(x):
         raise UsageError(f"trigger search: {len(x)} inputs but {len(labels)} labels")
@@ -159,7 +163,7 @@ def _search(
     if len(present) < 2:
         return not_run("the clean inputs cover fewer than two classes")
     gen = torch.Generator().manual_seed(seed)
-    margin = _max_margin(module, x.shape[1:], k, lo, hi, opts, gen)
+    margin = _max_margin(module, x.shape[1:], k, lo, hi, opts, gen, device)
     # Target tasks: every class t, clean inputs of the other classes. Pair tasks: (s, t).
     tasks: list[tuple[int, int]] = [(-1, t) for t in range(k)]
     rows = [_other_rows(by_class, t, opts["samples"], rng) for t in range(k)]
@@ -177,7 +181,9 @@ def _search(
                 if t != s:
                     tasks.append((s, t))
                     rows.append(_take(by_class[s], opts["pair_samples"], rng))
-    l1, asr, masks, patterns, steps = _mask_search(module, x, rows, tasks, lo, hi, opts, gen)
+    l1, asr, masks, patterns, steps = _mask_search(
+        module, x, rows, tasks, lo, hi, opts, gen, device
+    )
     area = float(np.prod(masks.shape[1:]))
     flip_l1 = [area] * k  # an absent class is not suspicious
     for i, s in enumerate(flips):
@@ -253,25 +259,26 @@ def _max_margin(
     hi: float,
     opts: dict[str, Any],
     gen: Any,
+    device: str = "cpu",
 ) -> list[float]:
     """MM-BD: per class, the largest margin found over ``restarts`` starts, all in one batch."""
     import torch
 
     r = int(opts["restarts"])
-    z = torch.randn((k * r, *shape), generator=gen).requires_grad_(True)
-    target = torch.arange(k).repeat_interleave(r)
+    z = torch.randn((k * r, *shape), generator=gen).to(device).requires_grad_(True)
+    target = torch.arange(k, device=device).repeat_interleave(r)
     opt = _Adam([z], lr=0.1)
-    best = torch.full((k * r,), -math.inf)
+    best = torch.full((k * r,), -math.inf, device=device)
     onehot = torch.nn.functional.one_hot(target, k).bool()
     for _ in range(int(opts["mm_steps"])):
         inp = lo + (hi - lo) * torch.sigmoid(z)
         out = _logits(module, inp)
-        own = out[torch.arange(k * r), target]
+        own = out[torch.arange(k * r, device=device), target]
         other = out.masked_fill(onehot, -math.inf).max(1).values
         m = own - other
         best = torch.maximum(best, m.detach())
         opt.step(torch.autograd.grad(-m.sum(), [z]))
-    return [float(v) for v in best.reshape(k, r).max(1).values]
+    return [float(v) for v in best.reshape(k, r).max(1).values.cpu()]
 
 
 def _mask_search(
@@ -283,18 +290,20 @@ def _mask_search(
     hi: float,
     opts: dict[str, Any],
     gen: Any,
+    device: str = "cpu",
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], Any, Any, int]:
     """Neural-Cleanse masks for every task at once; the smallest successful L1 per task."""
     import torch
 
     n_tasks = len(tasks)
     sizes = [len(r) for r in rows]
-    inputs = torch.from_numpy(x[np.concatenate(rows)])
-    owner = torch.from_numpy(np.repeat(np.arange(n_tasks), sizes))
-    row_tasks = [tasks[i] for i in owner.tolist()]
-    flip = torch.tensor([t == FLIP for _s, t in row_tasks])
+    inputs = torch.from_numpy(x[np.concatenate(rows)]).to(device)
+    owner_np = np.repeat(np.arange(n_tasks), sizes)
+    owner = torch.from_numpy(owner_np).to(device)
+    row_tasks = [tasks[i] for i in owner_np.tolist()]
+    flip = torch.tensor([t == FLIP for _s, t in row_tasks], device=device)
     # A flip row's "target" is its own class, which it must leave.
-    target = torch.tensor([s if t == FLIP else t for s, t in row_tasks])
+    target = torch.tensor([s if t == FLIP else t for s, t in row_tasks], device=device)
     shape = x.shape[1:]
     mshape = (1, *shape[1:]) if len(shape) >= 3 else tuple(shape)
     area = float(np.prod(mshape))
@@ -307,12 +316,12 @@ def _mask_search(
         if group:
             m_logit[group] = torch.randn((len(group), *mshape), generator=gen) * 0.1 - 2.0
             p_logit[group] = torch.randn((len(group), *shape), generator=gen)
-    m_logit.requires_grad_(True)
-    p_logit.requires_grad_(True)
+    m_logit = m_logit.to(device).requires_grad_(True)
+    p_logit = p_logit.to(device).requires_grad_(True)
     opt = _Adam([m_logit, p_logit], lr=0.1)
-    lam = torch.full((n_tasks,), 1e-2)
-    best = torch.full((n_tasks,), area)
-    best_asr = torch.zeros(n_tasks)
+    lam = torch.full((n_tasks,), 1e-2, device=device)
+    best = torch.full((n_tasks,), area, device=device)
+    best_asr = torch.zeros(n_tasks, device=device)
     best_mask = torch.sigmoid(m_logit.detach()).clone()
     best_pat = (lo + (hi - lo) * torch.sigmoid(p_logit.detach())).clone()
     counts = torch.bincount(owner, minlength=n_tasks).float()
@@ -326,11 +335,11 @@ def _mask_search(
         # Flip rows: -log P(not own class), i.e. log-sum-exp of the others minus of all.
         others = out.scatter(1, target[:, None], -math.inf).logsumexp(1)
         ce = torch.where(flip, out.logsumexp(1) - others, ce)
-        ce_task = torch.zeros(n_tasks).index_add_(0, owner, ce) / counts
+        ce_task = torch.zeros(n_tasks, device=device).index_add_(0, owner, ce) / counts
         l1 = mask.reshape(n_tasks, -1).sum(1)
         loss = (ce_task + lam * l1 / area * 10.0).sum()
         hit = ((out.argmax(1) == target) != flip).float().detach()
-        asr = torch.zeros(n_tasks).index_add_(0, owner, hit) / counts
+        asr = torch.zeros(n_tasks, device=device).index_add_(0, owner, hit) / counts
         ok = (asr >= ASR_GOAL) & (l1.detach() < best)
         if bool(ok.any()):
             best = torch.where(ok, l1.detach(), best)
@@ -343,10 +352,10 @@ def _mask_search(
             lam = torch.where(asr >= ASR_GOAL, lam * 1.5, lam / 1.5).clamp(1e-4, 1e3)
         opt.step(torch.autograd.grad(loss, [m_logit, p_logit]))
     return (
-        best.double().numpy(),
-        best_asr.double().numpy(),
-        best_mask.numpy().astype(np.float32),
-        best_pat.numpy().astype(np.float32),
+        best.double().cpu().numpy(),
+        best_asr.double().cpu().numpy(),
+        best_mask.cpu().numpy().astype(np.float32),
+        best_pat.cpu().numpy().astype(np.float32),
         steps,
     )
 
