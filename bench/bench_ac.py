@@ -449,7 +449,7 @@ def _case_results(case: Any, d: dict[str, Any], old: dict[str, Any] | None = Non
 
 # Cached results from another version of the calibrated rule are recomputed (the default
 # rule's part and the repair retraining, when repaired.npz would be the same, are kept).
-VERSION = "holm-exre"
+VERSION = "holm-exre-knn-corroborated"
 
 
 def _load_done(cache_dir: Path, current: bool = True) -> dict[str, Any]:
@@ -508,7 +508,10 @@ def run_cases(repair: bool, budget: float = float("inf"), shard: tuple[int, int]
     print("Attack success (ASR) of the poisoned model on triggered test inputs of the source classes.\n")
     for title, pick in (
         ("Poisoned, design triggers (looked at while choosing the rule)", lambda c: c.attack != "none" and not c.held_out),
-        ("Poisoned, held-out triggers (not looked at while choosing the rule)", lambda c: c.held_out),
+        ("Poisoned, held-out triggers 1 (square, line, sine: not looked at while choosing the rule; "
+         "sine was looked at while choosing the input vote's candidate in session 8)", lambda c: c.attack in AC.HELD_OUT_1),
+        ("Poisoned, held-out triggers 2 (dot, frame, checker: added in session 8 before any result on them "
+         "was seen; nothing was tuned after)", lambda c: c.attack in AC.HELD_OUT_2),
     ):
         print(f"### {title}\n")
         print("| case | poison rows | clean acc | ASR | default F1 (flagged) | calibrated F1 (flagged) | calibrated min p | time s (default / calibrated) |")
@@ -560,8 +563,11 @@ def run_repair(cases: list[Any], done: dict[str, Any], cache: Path) -> None:
           "Target: ASR < 0.10 at <= 1 point clean-accuracy cost.\n")
     print("| case | held out | ASR raw -> repaired | clean acc raw -> repaired | rows relabelled / dropped | target met |")
     print("|---|---|---|---|---|---|")
-    met: dict[bool, list[bool]] = {False: [], True: []}
-    asrs: dict[bool, list[float]] = {False: [], True: []}
+    def group(case: Any) -> str:
+        return "held-out 2" if case.attack in AC.HELD_OUT_2 else "held-out 1" if case.held_out else "design"
+
+    met: dict[str, list[bool]] = {"design": [], "held-out 1": [], "held-out 2": []}
+    asrs: dict[str, list[float]] = {k: [] for k in met}
     for case in cases:
         r = done.get(case.key)
         if r is None or "repaired" not in r:
@@ -572,13 +578,13 @@ def run_repair(cases: list[Any], done: dict[str, Any], cache: Path) -> None:
         kept = np.asarray(s["repair_rows"], dtype=np.int64)
         relabelled = int((np.asarray(s["repair_labels"]) != y0[kept]).sum())
         ok = asr2 < 0.10 and acc2 >= r["acc"] - 0.01
-        met[case.held_out].append(ok)
-        asrs[case.held_out].append(asr2)
-        print(f"| {case.key} | {'yes' if case.held_out else 'no'} | {r['asr']:.2f} -> {asr2:.2f} | {r['acc']:.3f} -> {acc2:.3f} "
+        met[group(case)].append(ok)
+        asrs[group(case)].append(asr2)
+        print(f"| {case.key} | {group(case)} | {r['asr']:.2f} -> {asr2:.2f} | {r['acc']:.3f} -> {acc2:.3f} "
               f"| {relabelled} / {len(y0) - len(kept)} | {'yes' if ok else 'no'} |")
-    for held, name in ((False, "design"), (True, "held-out")):
-        if met[held]:
-            print(f"\n* {name}: target met in {sum(met[held])} of {len(met[held])}; median ASR after repair {np.median(asrs[held]):.2f}")
+    for name, oks in met.items():
+        if oks:
+            print(f"\n* {name}: target met in {sum(oks)} of {len(oks)}; median ASR after repair {np.median(asrs[name]):.2f}")
     print()
 
 

@@ -13,6 +13,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, give each worker (and the gate processes it starts) its share of
+    the cores for torch, OpenMP and BLAS. Each pool otherwise starts as wide as the machine,
+    so two workers on two cores run four or more spinning threads, and tests that take
+    seconds alone take minutes. Set before numpy or torch is imported; a value the caller
+    set wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers < 2:
+        return
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, share)
+
+
+_share_the_cores()
+
+
 def run_gate(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:

@@ -89,7 +89,7 @@ def test_poison_found_on_poisoned_digits_model(poisoned: dict[str, Any], tmp_pat
     ac = report["activation_clustering"]
     # The default rule and its ExRe layer: the input of the Linear producing the last hidden
     # layer of the MLP (Flatten, Linear, ReLU, Linear, ReLU, Linear).
-    assert ac["rule"] == "exre" and ac["layer"] == "4" and ac["exre_layer"] == "2", ac["layer"]
+    assert ac["rule"] == "calibrated" and ac["layer"] == "4" and ac["exre_layer"] == "2"
     classes = ac["classes"]
     flagged = [c for c in classes if c["flagged"]]
     assert len(flagged) >= 3, [(c["label"], c["separation"]) for c in classes]
@@ -102,7 +102,8 @@ def test_poison_found_on_poisoned_digits_model(poisoned: dict[str, Any], tmp_pat
     assert precision >= 0.9, precision
     for c in flagged:
         assert c["spectral"] is not None and c["exre_score"] is not None
-        assert c["exre_log_odds"] > 7  # the default policy's exre_log_odds
+        # Below the default policy's alpha, or past its exre_log_odds on the ExRe layer.
+        assert c["p_value"] < 1e-6 or c["exre_log_odds"] > 7, (c["p_value"], c["exre_log_odds"])
         assert c["reasons"]
     # Files written by the CLI next to report.json.
     csv = (out / "suspicious.csv").read_text().splitlines()

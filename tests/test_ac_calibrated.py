@@ -194,6 +194,67 @@ def test_half_of_the_class_poisoned_all_to_one_is_flagged() -> None:
     assert _f1(res, mask) >= 0.95
 
 
+def _source_labels(c: Any) -> np.ndarray:
+    """The labels the case's training rows had before poisoning."""
+    return _bench_cases().load(c.dataset, "train")[1]
+
+
+def test_mlp_one_target_poisoning_is_flagged_through_the_input() -> None:
+    # An MLP's first hidden layer already maps the blended sevens into class 1 (the ExRe
+    # layer's log-odds are about -10), so only the input can show they are sevens.
+    d, mask = _case_layers(arch="mlp", attack="blend-1to1", n_poison=45, source=7, target=1)
+    assert d["asr"] >= 0.8
+    res = _calibrated(d)
+    assert [c.label for c in res if c.flagged] == [1]
+    assert _f1(res, mask) >= 0.95
+    (one,) = [c for c in res if c.label == 1]
+    assert one.suspected_source == 7
+    assert any("input neighbours put" in r for r in one.reasons), one.reasons
+    relabels = dict(one.relabels)
+    assert np.mean([relabels.get(i) == 7 for i in np.flatnonzero(mask)]) >= 0.9
+
+
+def test_mlp_half_of_the_class_poisoned_all_to_one_is_flagged_and_sent_home() -> None:
+    ac = _bench_cases()
+    case = ac.Case("digits", "mlp", "badnets-a2o", rate=0.10)
+    d, mask = _case_layers(arch="mlp", attack="badnets-a2o", rate=0.10)
+    assert 0.35 < mask[d["y"] == 0].mean() < 0.6 and d["asr"] >= 0.8
+    res = _calibrated(d)
+    assert [c.label for c in res if c.flagged] == [0]
+    assert _f1(res, mask) >= 0.95
+    # Poison from nine source classes: each row goes back to its own digit, not one source.
+    (zero,) = [c for c in res if c.label == 0]
+    relabels, before = dict(zero.relabels), _source_labels(case)
+    poison = np.flatnonzero(mask)
+    assert np.mean([relabels.get(i) == before[i] for i in poison]) >= 0.9
+
+
+def test_input_vote_is_not_swung_by_poison_left_in_its_training_rows() -> None:
+    # Class 0 holds 60 "ones" with a trigger; a candidate that misses 3 of them leaves those
+    # in the ExRe training rows. A logistic fit learns the trigger from them and puts the
+    # rest back into class 0; the neighbour vote still says they are ones.
+    from gate.ac.exre import Evidence, ExreTraining
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 6, (3, 8))
+    x = np.concatenate([rng.normal(centres[c], 1.0, (200, 8)) for c in range(3)])
+    x = np.concatenate([x, np.zeros((600, 1))], axis=1)  # a dimension clean rows never use
+    y = np.repeat(np.arange(3), 200)
+    poison = np.arange(200, 260)  # ones, stamped and labelled 0
+    x[poison, 8] = 1.0  # the trigger: small next to how far apart the classes are
+    y[poison] = 0
+    x = x.astype(np.float32)
+    missed = poison[:3]
+    members = np.setdiff1d(poison, missed)
+    logistic = Evidence(ExreTraining(x, y, 0, "logistic"), 0, None).full(members)
+    knn = Evidence(ExreTraining(x, y, 0, "knn"), 0, None).full(members)
+    assert knn.predicted is not None and (knn.predicted == 1).mean() >= 0.9
+    assert knn.unanimous is not None and knn.unanimous >= 0.5
+    assert logistic.predicted is not None and (logistic.predicted == 1).mean() < 0.5
+    everything = Evidence(ExreTraining(x, y, 0, "logistic"), 0, None).full(poison)
+    assert everything.predicted is not None and (everything.predicted == 1).mean() >= 0.9
+
+
 def test_clean_twin_sub_populations_are_not_flagged() -> None:
     # The demo recipe's clean digit CNN (80 % subset): its '1's written with a foot and other
     # handwriting styles form k-means clusters of their own; neither rule may flag them.

@@ -112,10 +112,20 @@ def test_csv_and_clean_indices_agree_with_the_report(runs: dict[str, Any]) -> No
     assert runs["mask"][sorted(suspicious)].mean() >= 0.9  # they really are the poison
 
 
-def _ac_part(runs: dict[str, Any], classes: str, name: str, *extra: str) -> Any:
+def _split_policy(work: Path) -> str:
+    """Class-split jobs need rule exre (rule calibrated's null spans every class): the
+    shipped policy for them."""
+    return "split"
+
+
+def _ac_part(
+    runs: dict[str, Any], classes: str | None, name: str, *extra: str, policy: bool = True
+) -> Any:
     work = runs["work"]
+    split = ("--classes", classes) if classes is not None else ()
+    chosen = ("--policy", _split_policy(work)) if policy else ()
     return run_gate(
-        "ac", str(work / "model.pt"), "--data", str(work / "train.npz"), "--classes", classes,
+        "ac", str(work / "model.pt"), "--data", str(work / "train.npz"), *split, *chosen,
         "--report-dir", str(work / name), "--cache-dir", str(work / "cache"), "--quiet", *extra,
         env=ENV,
     )  # fmt: skip
@@ -123,8 +133,10 @@ def _ac_part(runs: dict[str, Any], classes: str, name: str, *extra: str) -> Any:
 
 def test_class_split_jobs_merge_into_the_single_run_report(runs: dict[str, Any]) -> None:
     """Three `--classes I/3` jobs plus `gate ac-merge` give the single run's report, CSV,
-    clean indices and pictures, byte for byte."""
+    clean indices and pictures, byte for byte (rule exre: the jobs' policy)."""
     work = runs["work"]
+    single = _ac_part(runs, None, "single")
+    assert single.returncode == 1, single.stderr
     parts = []
     for i in (1, 2, 3):
         proc = _ac_part(runs, f"{i}/3", f"part{i}")
@@ -135,16 +147,23 @@ def test_class_split_jobs_merge_into_the_single_run_report(runs: dict[str, Any])
         parts.append(str(work / f"part{i}"))
     assert "Partial run" in (work / "part1" / "summary.md").read_text()
     merged = work / "merged"
-    proc = run_gate("ac-merge", *reversed(parts), "--report-dir", str(merged), "--quiet")
+    proc = run_gate(
+        "ac-merge", *reversed(parts), "--policy", _split_policy(work), "--report-dir",
+        str(merged), "--quiet",
+    )  # fmt: skip
     assert proc.returncode == 1, proc.stderr  # the single run fails too
     for name in ("report.json", "suspicious.csv", "clean_indices.npy", "summary.md"):
-        assert (merged / name).read_bytes() == (runs["r1"] / name).read_bytes(), name
-    pictures = sorted(p.name for p in runs["r1"].glob("ac-class-*.png"))
+        assert (merged / name).read_bytes() == (work / "single" / name).read_bytes(), name
+    pictures = sorted(p.name for p in (work / "single").glob("ac-class-*.png"))
     assert pictures and sorted(p.name for p in merged.glob("ac-class-*.png")) == pictures
 
 
 def test_class_split_refusals(runs: dict[str, Any]) -> None:
     work = runs["work"]
+    # The default policy's rule calibrated needs every class at once.
+    calibrated = _ac_part(runs, "1/3", "bad", policy=False)
+    assert_one_line_error(calibrated, "--classes 1/3", "rule 'calibrated'", "rule: exre")
+    assert not (work / "bad").exists()
     assert_one_line_error(_ac_part(runs, "42", "bad"), "--classes 42", "labels present")
     assert_one_line_error(_ac_part(runs, "0/3", "bad"), "--classes")
     assert_one_line_error(_ac_part(runs, "1,x", "bad"), "--classes")
@@ -153,14 +172,15 @@ def test_class_split_refusals(runs: dict[str, Any]) -> None:
         assert proc.returncode in (0, 1), proc.stderr
     lists = [str(work / f"list{i}") for i in range(3)]
     out = str(work / "merge-bad")
-    missing = run_gate("ac-merge", *lists[:2], "--report-dir", out)
+    split = ("--policy", _split_policy(work))
+    missing = run_gate("ac-merge", *lists[:2], *split, "--report-dir", out)
     assert_one_line_error(missing, "no part clustered class(es) 9")
-    twice = run_gate("ac-merge", *lists, lists[2], "--report-dir", out)
+    twice = run_gate("ac-merge", *lists, lists[2], *split, "--report-dir", out)
     assert_one_line_error(twice, "class 9 is in both")
     policy = run_gate("ac-merge", *lists, "--policy", "strict", "--report-dir", out)
-    assert_one_line_error(policy, "policy 'default'")
-    onto_part = run_gate("ac-merge", *lists, "--report-dir", lists[0])
+    assert_one_line_error(policy, "policy 'split'")
+    onto_part = run_gate("ac-merge", *lists, *split, "--report-dir", lists[0])
     assert_one_line_error(onto_part, "is one of the parts")
-    not_a_report = run_gate("ac-merge", str(work), "--report-dir", out)
+    not_a_report = run_gate("ac-merge", str(work), *split, "--report-dir", out)
     assert_one_line_error(not_a_report, "no report.json")
     assert not Path(out).exists()

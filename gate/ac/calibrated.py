@@ -46,9 +46,11 @@ from gate.ac.exre import Reclassified, exre_sample
 # the low-variance pixels a patch trigger sits on (which, standardised, would dominate a
 # linear classifier) and keeps the classifier cheap at any input size.
 INPUT_COMPONENTS = 64
-# Floor of a null's robust scale (log-odds units): a model whose candidates all score alike
-# would otherwise turn a small difference into a huge z.
+# Floor of a null's robust scale: a model whose candidates all score alike would otherwise
+# turn a small difference into a huge z. Log-odds units for a logistic verdict; for the
+# input's neighbour vote (a share of the cluster), a tenth of the cluster.
 MIN_SCALE = 0.5
+MIN_SHARE_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ class Scored:
     def odds(self) -> tuple[float | None, ...]:
         return tuple(v.log_odds for v in self.verdicts)
 
+    @property
+    def stats(self) -> tuple[float | None, ...]:
+        """Each space's statistic (:attr:`Reclassified.statistic`), what the null is of."""
+        return tuple(v.statistic for v in self.verdicts)
+
 
 @dataclass(frozen=True)
 class Null:
@@ -76,7 +83,7 @@ class Null:
         verdict are left out; -inf when none has one)."""
         zs = [
             (o - m) / d
-            for o, m, d in zip(s.odds, self.location, self.scale, strict=True)
+            for o, m, d in zip(s.stats, self.location, self.scale, strict=True)
             if o is not None and math.isfinite(m)
         ]
         if not zs:
@@ -87,7 +94,7 @@ class Null:
         """The space where the candidate stands out most (0 when none has a verdict)."""
         zs = [
             -math.inf if o is None or not math.isfinite(m) else (o - m) / d
-            for o, m, d in zip(s.odds, self.location, self.scale, strict=True)
+            for o, m, d in zip(s.stats, self.location, self.scale, strict=True)
         ]
         return int(np.argmax(zs)) if any(math.isfinite(z) for z in zs) else 0
 
@@ -100,18 +107,21 @@ class Null:
         return ", ".join(parts)
 
 
-def fit_null(scored: Sequence[Scored], n_spaces: int, combine: str = "max") -> Null:
-    """Median and 1.4826 MAD of every candidate's log-odds, per space."""
+def fit_null(
+    scored: Sequence[Scored], floors: Sequence[float], combine: str = "max"
+) -> Null:
+    """Median and 1.4826 MAD (at least ``floors[i]``) of every candidate's statistic, per
+    space."""
     loc, scale = [], []
-    for i in range(n_spaces):
-        v = np.array([s.odds[i] for s in scored if s.odds[i] is not None], dtype=np.float64)
+    for i, floor in enumerate(floors):
+        v = np.array([s.stats[i] for s in scored if s.stats[i] is not None], dtype=np.float64)
         if len(v) == 0:
             loc.append(math.nan)
             scale.append(1.0)
             continue
         m = float(np.median(v))
         loc.append(m)
-        scale.append(max(1.4826 * float(np.median(np.abs(v - m))), MIN_SCALE))
+        scale.append(max(1.4826 * float(np.median(np.abs(v - m))), floor))
     return Null(tuple(loc), tuple(scale), combine)
 
 
@@ -146,23 +156,35 @@ def holm(ps: Sequence[float]) -> list[float]:
 
 
 def decide(
-    cfg: ACConfig, scored: Sequence[Scored], null: Null, p: float
+    cfg: ACConfig, scored: Sequence[Scored], null: Null, p: float, n_classes: int = 1
 ) -> tuple[Scored | None, int, bool]:
     """(the class's chosen candidate, the space whose verdict stands for it, flagged) given
-    the class's adjusted p-value ``p``.
+    the class's adjusted p-value ``p`` (``n_classes``: how many classes were analysed).
 
     Below ``alpha`` the candidate with the highest score is flagged, on the verdict of the
-    space where it stands out most. Otherwise the rule "exre" thresholds still apply to the
-    ExRe layer (log-odds above ``exre_log_odds``, or half that for a candidate farther than
-    ``isolated_separation`` from the rest): confident reclassification needs no
-    calibration, and the calibrated rule flags whatever rule "exre" flags.
+    space where it stands out most. When that is the input's neighbour vote, the flagged
+    candidate is, of those significant on their own (Bonferroni over the classes), the one
+    with the most members put elsewhere unanimously: the top score goes to the purest
+    cluster, often a third of the poison (an all-to-one target class holds poison from
+    every source class, and k-means with k = 3 or 4 cuts it by source). Otherwise the rule
+    "exre" thresholds still apply to the ExRe layer (log-odds above ``exre_log_odds``, or
+    half that for a candidate farther than ``isolated_separation`` from the rest): confident
+    reclassification needs no calibration, and the calibrated rule flags whatever rule "exre" flags.
     """
     if not scored:
         return None, 0, False
     scores = [null.score(s) for s in scored]
     best = int(np.argmax(scores))
     if p < cfg.alpha:
-        return scored[best], null.best_space(scored[best]), True
+        space = null.best_space(scored[best])
+        if scored[best].verdicts[space].unanimous is not None:
+            tests = len(scored) * (null.n_spaces if null.combine == "max" else 1) * n_classes
+            best = max(
+                (i for i, sc in enumerate(scores) if p_value(sc, tests) < cfg.alpha or i == best),
+                key=lambda i: (_unanimous_count(scored[i], space), scores[i]),
+            )
+            space = null.best_space(scored[best])
+        return scored[best], space, True
     confident = [i for i, s in enumerate(scored) if _confident(cfg, s)]
     if confident:
         # As rule "exre" ranks them: strongest ExRe-layer evidence, then separation.
@@ -171,12 +193,26 @@ def decide(
     return scored[best], null.best_space(scored[best]), False
 
 
+def _unanimous_count(s: Scored, space: int) -> float:
+    share = s.verdicts[space].unanimous
+    return 0.0 if share is None else share * len(s.members)
+
+
 def _confident(cfg: ACConfig, s: Scored) -> bool:
+    """Rule "exre"'s thresholds on the ExRe layer; a candidate that passes only on the
+    isolated path (half the log-odds, far from the rest) also needs the input's neighbours
+    to put at least :data:`MIN_SHARE_SCALE` of it in another class, when they voted. The
+    one clean-model false flag of the benchmark (8 "1"s of an MNIST CNN, log-odds 5.7 at
+    separation > 7) had none put elsewhere; the poison that took this path 24-82 %."""
     odds = s.odds[0]
     if odds is None:
         return False
-    isolated = odds > cfg.exre_log_odds / 2 and s.cand.separation > cfg.isolated_separation
-    return odds > cfg.exre_log_odds or isolated
+    if odds > cfg.exre_log_odds:
+        return True
+    if not (odds > cfg.exre_log_odds / 2 and s.cand.separation > cfg.isolated_separation):
+        return False
+    shares = [v.unanimous for v in s.verdicts[1:] if v.unanimous is not None]
+    return not shares or max(shares) >= MIN_SHARE_SCALE
 
 
 def input_space(

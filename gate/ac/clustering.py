@@ -165,7 +165,9 @@ def cluster_classes(
     if config.rule == "calibrated" and exre_hook is None and input_x is not None:
         space = calibrated.input_space(input_x, labels, config.seed, input_order)
         if space is not None:
-            trainings.append(ExreTraining(space, labels, config.seed))
+            trainings.append(
+                ExreTraining(space, labels, config.seed, config.input_classifier)
+            )
     done: list[ClassClustering | _Prepared] = []
     for c in wanted:
         prep = _prepare(activations, labels, c, config, training, exre_hook)
@@ -181,7 +183,11 @@ def cluster_classes(
     if config.rule != "calibrated":
         return [d for d in done if isinstance(d, ClassClustering)]
     pool = [s for d in done if isinstance(d, _Prepared) for s in d.scored]
-    null = calibrated.fit_null(pool, len(trainings), config.combine)
+    floors = [
+        calibrated.MIN_SHARE_SCALE if t.classifier == "knn" else calibrated.MIN_SCALE
+        for t in trainings
+    ]
+    null = calibrated.fit_null(pool, floors, config.combine)
     preps = [d for d in done if isinstance(d, _Prepared)]
     adjusted = dict(
         zip(
@@ -191,7 +197,9 @@ def cluster_classes(
         )
     )
     return [
-        d if isinstance(d, ClassClustering) else _calibrated(config, d, null, adjusted[d.label])
+        d
+        if isinstance(d, ClassClustering)
+        else _calibrated(config, d, null, adjusted[d.label], len(preps))
         for d in done
     ]
 
@@ -278,11 +286,11 @@ def _score(
 
 
 def _calibrated(
-    cfg: ACConfig, prep: _Prepared, null: calibrated.Null, p: float
+    cfg: ACConfig, prep: _Prepared, null: calibrated.Null, p: float, n_classes: int
 ) -> ClassClustering:
     """Rule "calibrated", second pass: the class's best candidate against the model's null
-    (``p``: the class's p-value, Holm-adjusted over the classes)."""
-    best, space, flagged = calibrated.decide(cfg, prep.scored, null, p)
+    (``p``: the class's p-value, Holm-adjusted over the ``n_classes`` classes)."""
+    best, space, flagged = calibrated.decide(cfg, prep.scored, null, p, n_classes)
     relabel_from = None
     if best is None:
         small = int(np.argmin(np.bincount(prep.assign, minlength=2)))
@@ -297,12 +305,11 @@ def _calibrated(
         cand, verdict = best.cand, best.verdicts[space]
         relabel_from = verdict
         size, n = len(best.members), prep.n
-        odds_text = ", ".join("-" if o is None else f"{o:.1f}" for o in best.odds)
         reasons: tuple[str, ...] = (
             f"k-means cluster (k={cand.k}, {cand.where}) holds {size / n:.0%} of the class",
             f"separation {cand.separation:.2f} > {cfg.separation_threshold}",
-            f"ExRe log-odds {odds_text} (ExRe layer{', input' if len(best.odds) > 1 else ''}; "
-            f"source {verdict.source}); this model's candidates: {null.describe()}",
+            f"{_evidence_text(best)} (source {verdict.source}); "
+            f"this model's candidates: {null.describe()}",
             f"calibrated score {null.score(best):.2f}, p {p:.2g} (Holm over the classes) "
             f"({'<' if p < cfg.alpha else '>='} alpha {cfg.alpha:g})",
         )
@@ -322,6 +329,18 @@ def _calibrated(
             cand.where,
         )
     return replace(_finish(cfg, prep, pick, relabel_from), p_value=float(f"{p:.6g}"))
+
+
+def _evidence_text(best: calibrated.Scored) -> str:
+    """What ExRe said in each space, as the reasons show it."""
+    layer, *rest = best.verdicts
+    parts = ["ExRe log-odds " + ("-" if layer.log_odds is None else f"{layer.log_odds:.1f}")]
+    for v in rest:
+        if v.unanimous is not None:
+            parts.append(f"input neighbours put {v.unanimous:.0%} of it in another class")
+        elif v.log_odds is not None:
+            parts.append(f"input ExRe log-odds {v.log_odds:.1f}")
+    return "; ".join(parts)
 
 
 def _finish(

@@ -12,6 +12,7 @@ import numpy.typing as npt
 Reduction = Literal["ica", "pca"]
 Detector = Literal["ac", "spectral", "either"]
 Rule = Literal["exre", "separation", "calibrated"]
+Classifier = Literal["logistic", "knn"]
 ExreHook = Callable[
     [npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]], npt.ArrayLike
 ]
@@ -26,6 +27,8 @@ N_INIT = 4
 SILHOUETTE_SAMPLE = 2000
 CHUNK = 8192
 EXRE_PER_CLASS = 300  # training rows per class for the fast ExRe classifier
+# Rule "calibrated", ExRe in the input: neighbours voting (gate.ac.exre._knn_verdict).
+KNN_NEIGHBOURS = 15
 # Measured on load_digits (bench/README.md): clean classes split at 2.8-5.2, isolated poison
 # at 5.5-15. One blob split in two gives ~2.65 in theory. Used by rule "separation" and for
 # spectral signatures.
@@ -75,6 +78,8 @@ class ACConfig:
     # Rule "calibrated": how the spaces' z combine. "max" (Bonferroni over the spaces): an
     # MLP's poison can stand out in the input only (bench/README.md, issue 15).
     combine: Literal["mean", "max"] = "max"
+    # Rule "calibrated": the ExRe classifier in the input space (gate.ac.exre).
+    input_classifier: Classifier = "knn"
     seed: int = 0
 
 

@@ -13,7 +13,10 @@ import numpy as np
 import numpy.typing as npt
 
 from gate.ac import numeric
-from gate.ac.config import EXRE_PER_CLASS, ExreHook
+from gate.ac.config import EXRE_PER_CLASS, KNN_NEIGHBOURS, Classifier, ExreHook
+
+# Distances computed at once in the kNN vote (test rows x training rows), bounding memory.
+CHUNK_CELLS = 4_000_000
 
 
 class ExreTraining:
@@ -21,9 +24,13 @@ class ExreTraining:
     layer once and shared by every class and candidate (each leaves its own members out)."""
 
     def __init__(
-        self, space: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: int
+        self,
+        space: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.int64],
+        seed: int,
+        classifier: Classifier = "logistic",
     ) -> None:
-        self.space, self.labels = space, labels
+        self.space, self.labels, self.classifier = space, labels, classifier
         self.rows = exre_sample(labels, seed)
         self._x: npt.NDArray[np.float32] | None = None
 
@@ -69,6 +76,15 @@ class Reclassified:
     predicted: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
     # Each member's log p(best other class) - log p(own class) (None with a hook).
     member_odds: npt.NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
+    # kNN only: the share of members none of whose neighbours is of their own class and at
+    # least two thirds of whose neighbours agree on one other class (:func:`_knn_verdict`).
+    unanimous: float | None = None
+
+    @property
+    def statistic(self) -> float | None:
+        """What rule "calibrated" compares across candidates: the unanimous share for a kNN
+        verdict, else the log-odds."""
+        return self.unanimous if self.unanimous is not None else self.log_odds
 
 
 
@@ -108,6 +124,7 @@ def reclassify(
         return Reclassified(None, None, None)
     x_cluster = flat(training.space, members)
     odds: float | None = None
+    unanimous: float | None = None
     diff: npt.NDArray[np.float64] | None = None
     if hook is not None:
         pred = np.asarray(hook(x_train, y_train, x_cluster)).astype(np.int64).ravel()
@@ -117,6 +134,10 @@ def reclassify(
             raise UsageError(
                 f"--exre-hook returned {pred.shape[0]} labels for {len(members)} samples"
             )
+    elif training.classifier == "knn":
+        pred, diff, agree = _knn_verdict(x_train, y_train, x_cluster, label)
+        odds = float(np.median(diff))
+        unanimous = float(np.mean(agree))
     else:
         classes, proba = numeric.logistic_proba(x_train, y_train, x_cluster)
         pred = classes[proba.argmax(axis=1)]
@@ -133,8 +154,56 @@ def reclassify(
         votes_other[label] = -1
     source = int(np.argmax(votes_other))
     p_votes = int(max(votes_other[source], 0))
-    return Reclassified(float(l_votes / max(p_votes, 1)), source, odds, pred, diff)
+    return Reclassified(float(l_votes / max(p_votes, 1)), source, odds, pred, diff, unanimous)
 
 
 def flat(space: npt.NDArray[np.float32], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
     return np.asarray(space[rows], dtype=np.float32).reshape(len(rows), -1)
+
+
+def _knn_verdict(
+    x_train: npt.NDArray[np.float32],
+    y_train: npt.NDArray[np.int64],
+    x_test: npt.NDArray[np.float32],
+    label: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """(each test row's majority class, its log-odds, whether it is put elsewhere
+    unanimously) among its :data:`KNN_NEIGHBOURS` nearest training rows (Euclidean; ties
+    to the nearer row). The log-odds is ``log((v_c + 1/2) / (v_label + 1/2))``, ``v_c`` the
+    votes of the most voted other class; unanimously: no vote for ``label`` and at least
+    two thirds of the votes for ``c``.
+
+    Why a vote and not a linear fit: a candidate cluster is never exactly the poison, and a
+    logistic regression learns a trigger from the one or two poisoned rows left in its
+    training set (the trigger's direction is otherwise constant there, so standardising
+    blows it up); a vote of 15 neighbours cannot be swung by them (bench/README.md)."""
+    k = min(KNN_NEIGHBOURS, len(x_train))
+    classes, y_idx = np.unique(y_train, return_inverse=True)
+    train = np.asarray(x_train, dtype=np.float64)
+    sq_train = np.einsum("ij,ij->i", train, train)
+    votes = np.zeros((len(x_test), len(classes)), dtype=np.float64)
+    step = max(1, CHUNK_CELLS // max(len(train), 1))
+    for s in range(0, len(x_test), step):
+        block = np.asarray(x_test[s : s + step], dtype=np.float64)
+        dist = sq_train[None, :] - 2.0 * block @ train.T
+        near = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < len(train) else None
+        if near is None:
+            near = np.broadcast_to(np.arange(len(train)), (len(block), len(train)))
+        # Order the k nearest (stable on the row index) so a tie goes to the nearest row.
+        order = np.argsort(np.take_along_axis(dist, near, axis=1), axis=1, kind="stable")
+        near = np.take_along_axis(near, order, axis=1)
+        cls = y_idx[near]
+        for j in range(k):
+            # Later neighbours weigh a hair less: a tied vote goes to the nearer class.
+            votes[s + np.arange(len(block)), cls[:, j]] += 1.0 - j * 1e-6
+    own_col = np.searchsorted(classes, label)
+    has_own = own_col < len(classes) and classes[own_col] == label
+    own = votes[:, own_col] if has_own else np.zeros(len(x_test))
+    other = votes.copy()
+    if has_own:
+        other[:, own_col] = -1.0
+    pred = classes[votes.argmax(axis=1)].astype(np.int64)
+    best, own = np.round(other.max(axis=1)), np.round(own)
+    diff = np.log((best + 0.5) / (own + 0.5))
+    agree = (own == 0) & (3 * best >= 2 * k)
+    return pred, diff, agree

@@ -19,7 +19,7 @@ from gate.ac.extract import LayerRequest
 from gate.ac.options import ACOptions
 from gate.activations import ActivationCache
 from gate.data import Dataset
-from gate.errors import DataError, MismatchError, ModelLoadError
+from gate.errors import DataError, MismatchError, ModelLoadError, UsageError
 from gate.fingerprint.compute import resolve_layer
 from gate.models import LoadedModel
 from gate.policy.model import ActivationClusteringPolicy
@@ -65,6 +65,15 @@ def activation_clustering(
             f"{data.path}: activation clustering needs at least two classes in the data "
             f"(rule {policy.rule!r} compares each cluster with the other classes); "
             f"it holds only class {int(labels[0]) if len(labels) else 'none'}"
+        )
+    if policy.rule == "calibrated" and opts.classes is not None:
+        # The calibrated null is every candidate of every class: a job that sees a third of
+        # the classes would judge them against another null than the single run does.
+        raise UsageError(
+            f"--classes {opts.classes.spec}: rule 'calibrated' judges each class against "
+            "the candidates of every class, so a class-split job cannot decide alone; "
+            "run split jobs and ac-merge with --policy split (rule: exre) or a policy of "
+            "yours with rule: exre, or run without --classes"
         )
     chosen = resolve_layer(model, layer)
     # Extract in label order, so each class is one run of rows on disk and reads back in one
