@@ -124,6 +124,17 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def text_baseline(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One baseline of refs 1-3 on synthetic text probes, built once for the module's tests
+    (each build loads every reference in its own sandboxed process)."""
+    refs = [str(family[f"ref{s}"]) for s in (1, 2, 3)]
+    out = tmp_path_factory.mktemp("hf-baseline") / "baseline"
+    code = main(["baseline", "build", *refs, "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
 # --- loading, layers, inputs ----------------------------------------------------------------
 
 
@@ -199,18 +210,17 @@ def test_text_probes_are_seeded_and_cover_the_edge_cases(family: dict[str, Path]
 
 @needs_hf
 def test_baseline_scan_ac_end_to_end_and_deterministic(
-    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    family: dict[str, Path], text_baseline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    refs = [str(family[f"ref{s}"]) for s in (1, 2, 3, 4)]
-    baseline = tmp_path / "baseline"
-    code, _, err = run(["baseline", "build", *refs, "--out", str(baseline), "--quiet"], capsys)
-    assert code == 0, err
+    baseline = text_baseline
     manifest = json.loads((baseline / "baseline.json").read_text())
     assert manifest["layer"] == "@penultimate"
     assert manifest["input_shape"] == [2, 48]
     assert manifest["probes"]["source"] == "synthetic-text"
     reports = []
-    for i, extra in enumerate((["--no-cache"], ["--cache-dir", str(tmp_path / "c")]) * 2):
+    # Without the cache, then a cache miss, then a hit: the same report.json each time.
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    for i, extra in enumerate((["--no-cache"], cache, cache)):
         rdir = tmp_path / f"report{i}"
         argv = ["scan", str(family["candidate"]), "--baseline", str(baseline)]
         code, _, err = run([*argv, "--report-dir", str(rdir), "--quiet", *extra], capsys)
@@ -251,12 +261,10 @@ def test_sharded_text_baseline_equals_unsharded(
 
 @needs_hf
 def test_scan_refuses_a_candidate_with_another_tokenizer(
-    family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    family: dict[str, Path], text_baseline: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     refs = [str(family[f"ref{s}"]) for s in (1, 2, 3)]
-    baseline = tmp_path / "baseline"
-    assert run(["baseline", "build", *refs, "--out", str(baseline), "--quiet"], capsys)[0] == 0
-    argv = ["scan", str(family["other_tokenizer"]), "--baseline", str(baseline), "--no-cache"]
+    argv = ["scan", str(family["other_tokenizer"]), "--baseline", str(text_baseline), "--no-cache"]
     code, _, err = run([*argv, "--report-dir", str(tmp_path / "r")], capsys)
     one_line_error(code, err, "tokenizer does not reproduce")
     mixed = [*refs, str(family["other_tokenizer"])]
