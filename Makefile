@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo image test lint bench bench-fingerprint bench-perf bench-device bench-ac bench-ac-margins bench-scale clean
+.PHONY: venv demo image test lint bench bench-fingerprint bench-perf bench-device bench-ac bench-ac-text bench-ac-margins bench-scale clean
 
 # `make image`: the container image, with podman or docker (whichever is on PATH). Build
 # arguments pass through: BASE_IMAGE, TORCH_INDEX_URL, GATE_EXTRAS; WHEELHOUSE=DIR (anywhere)
@@ -51,6 +51,9 @@ bench-trigger: $(STAMP)
 
 bench-ac: $(STAMP)
 	$(BIN)/python bench/bench_ac.py
+
+bench-ac-text: $(STAMP)
+	$(BIN)/python bench/bench_ac_text.py
 
 bench-ac-margins: $(STAMP)
 	$(BIN)/python bench/ac_margins.py

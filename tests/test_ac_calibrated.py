@@ -302,3 +302,19 @@ def test_calibrated_check_that_analysed_nothing_is_not_a_pass(
     assert all("too small" in (c["skipped"] or "") and c["p_value"] is None for c in classes)
     (check,) = [c for c in report["checks"] if c["name"] == "activation_clustering"]
     assert check["status"] == "not_analysed" and report["verdict"] == "fail"
+
+
+def test_a_text_models_input_space_is_its_bag_of_words() -> None:
+    # A word inserted at the front shifts every later token id one place; as a bag of words
+    # the two texts differ only by that word, and padding does not count.
+    from gate.ac.calibrated import TOKEN_BUCKETS, token_bags
+
+    x = np.zeros((2, 2, 8), np.float32)
+    x[0, 0, :4], x[0, 1, :4] = [2, 10, 11, 3], 1  # [CLS] w10 w11 [SEP]
+    x[1, 0, :5], x[1, 1, :5] = [2, 99, 10, 11, 3], 1  # [CLS] cf w10 w11 [SEP]
+    bags = token_bags(x)
+    assert bags.shape == (2, TOKEN_BUCKETS)
+    np.testing.assert_allclose(np.linalg.norm(bags, axis=1), 1.0, rtol=1e-6)
+    assert np.flatnonzero(bags[0]).tolist() == [2, 3, 10, 11]
+    assert np.flatnonzero(bags[1]).tolist() == [2, 3, 10, 11, 99]
+    assert float(bags[0] @ bags[1]) == pytest.approx(4 / np.sqrt(4 * 5))

@@ -51,6 +51,8 @@ INPUT_COMPONENTS = 64
 # input's neighbour vote (a share of the cluster), a tenth of the cluster.
 MIN_SCALE = 0.5
 MIN_SHARE_SCALE = 0.1
+# Hash buckets of a text model's bag of words (token ids modulo this).
+TOKEN_BUCKETS = 1024
 
 
 @dataclass(frozen=True)
@@ -215,28 +217,51 @@ def _confident(cfg: ACConfig, s: Scored) -> bool:
     return not shares or max(shares) >= MIN_SHARE_SCALE
 
 
+def token_bags(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    """Bags of words of a text model's inputs (``N x 2 x seq``: token ids, attention mask),
+    token ids hashed into :data:`TOKEN_BUCKETS` counts, each row scaled to unit length.
+    Why: the input space of a text model is which words a text holds, not the ids' values
+    at each position (a word inserted anywhere shifts every later id)."""
+    ids = np.asarray(x[:, 0, :], dtype=np.int64) % TOKEN_BUCKETS
+    mask = np.asarray(x[:, 1, :]) > 0
+    out = np.zeros((len(x), TOKEN_BUCKETS), dtype=np.float32)
+    rows = np.broadcast_to(np.arange(len(x))[:, None], ids.shape)
+    np.add.at(out, (rows[mask], ids[mask]), 1.0)
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.asarray(out / np.maximum(norm, 1e-12), dtype=np.float32)
+
+
 def input_space(
     x: npt.NDArray[np.floating],
     labels: npt.NDArray[np.int64],
     seed: int,
     order: npt.NDArray[np.int64] | None = None,
+    tokens: bool = False,
 ) -> npt.NDArray[np.float32] | None:
-    """The inputs (rows ``order`` of ``x``, i.e. in the order of ``labels``) flattened and
-    projected on their first :data:`INPUT_COMPONENTS` principal components, fitted on the
-    ExRe training sample. None for inputs that are not numeric arrays."""
+    """The inputs (rows ``order`` of ``x``, i.e. in the order of ``labels``) flattened (for
+    a text model, ``tokens``: as :func:`token_bags`) and projected on their first
+    :data:`INPUT_COMPONENTS` principal components, fitted on the ExRe training sample. None
+    for inputs that are not numeric arrays."""
     if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or len(x) != len(labels):
+        return None
+    if tokens and (x.ndim != 3 or x.shape[1] != 2):
         return None
     n = len(x)
     pos = np.arange(n) if order is None else order
-    flat = x.reshape(n, -1)
+
+    def features(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        part = x[rows]
+        if tokens:
+            return token_bags(part)
+        return np.asarray(part.reshape(len(rows), -1), dtype=np.float32)
+
     fit_rows = pos[exre_sample(labels, seed)]
-    sample = np.asarray(flat[np.sort(fit_rows)], dtype=np.float32)
+    sample = features(np.sort(fit_rows))
     comps = min(INPUT_COMPONENTS, sample.shape[1], max(len(sample) - 1, 1))
     if comps < 2:
         return None
     pca = numeric.fit_pca(sample, comps, seed)
     out = np.empty((n, comps), dtype=np.float32)
     for s in range(0, n, CHUNK):
-        chunk = np.asarray(flat[pos[s : s + CHUNK]], dtype=np.float32)
-        out[s : s + CHUNK] = pca.transform(chunk)
+        out[s : s + CHUNK] = pca.transform(features(pos[s : s + CHUNK]))
     return out

@@ -147,13 +147,15 @@ def cluster_classes(
     on_class: Callable[[ClassClustering], None] | None = None,
     input_x: npt.NDArray[np.floating] | None = None,
     input_order: npt.NDArray[np.int64] | None = None,
+    input_tokens: bool = False,
 ) -> list[ClassClustering]:
     """Cluster each class's activations; ``suspicious_indices`` are rows of the data.
 
     ``exre_x`` is the ExRe layer: the space the fast ExRe classifier works in (default:
     ``activations``) and, with rules ``"exre"`` and ``"calibrated"``, a second space to look
     for clusters in. ``input_x`` (rule ``"calibrated"``): the model's inputs, rows
-    ``input_order`` of it in the order of ``labels``; ExRe also runs in a PCA of them.
+    ``input_order`` of it in the order of ``labels``; ExRe also runs in a PCA of them
+    (of their bags of words with ``input_tokens``: a text model's token ids and mask).
     ``exre_hook`` replaces the linear classifier with the user's own retraining (full ExRe).
     ``on_class`` is called with each class's result as it is done (progress; with rule
     ``"calibrated"`` before the model-wide decision, which needs every class).
@@ -163,7 +165,7 @@ def cluster_classes(
     training = ExreTraining(activations if exre_x is None else exre_x, labels, config.seed)
     trainings = [training]
     if config.rule == "calibrated" and exre_hook is None and input_x is not None:
-        space = calibrated.input_space(input_x, labels, config.seed, input_order)
+        space = calibrated.input_space(input_x, labels, config.seed, input_order, input_tokens)
         if space is not None:
             trainings.append(
                 ExreTraining(space, labels, config.seed, config.input_classifier)

@@ -22,6 +22,7 @@ from gate.data import Dataset
 from gate.errors import DataError, MismatchError, ModelLoadError, UsageError
 from gate.fingerprint.compute import resolve_layer
 from gate.models import LoadedModel
+from gate.models.base import TextInput
 from gate.policy.model import ActivationClusteringPolicy
 from gate.report.schema import (
     ActivationClusteringReport,
@@ -116,6 +117,7 @@ def activation_clustering(
                 on_class=lambda _: bar.update(),
                 input_x=data.x if isinstance(data.x, np.ndarray) else None,
                 input_order=order,
+                input_tokens=isinstance(model, TextInput),
             )
         del streamed, exre_x
     finally:
