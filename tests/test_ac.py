@@ -120,6 +120,11 @@ def test_poison_found_on_poisoned_digits_model(poisoned: dict[str, Any], tmp_pat
         "--report-dir", str(tmp_path / "md"), "--format", "markdown", env=ENV,
     )  # fmt: skip
     assert "Separation" in md.stdout and "ExRe" in md.stdout
+    # The default rule's per-class p-values, in the summary a reviewer reads.
+    summary = (tmp_path / "md" / "summary.md").read_text()
+    assert "Class p-values: 0: " in summary
+    for c in flagged:
+        assert f"{c['label']}: " in summary.split("Class p-values:")[1]
 
 
 def test_findings_do_not_depend_on_where_classes_sit_in_the_file(
