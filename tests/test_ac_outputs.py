@@ -112,10 +112,9 @@ def test_csv_and_clean_indices_agree_with_the_report(runs: dict[str, Any]) -> No
     assert runs["mask"][sorted(suspicious)].mean() >= 0.9  # they really are the poison
 
 
-def _split_policy(work: Path) -> str:
-    """Class-split jobs need rule exre (rule calibrated's null spans every class): the
-    shipped policy for them."""
-    return "split"
+# Class-split jobs need rule exre (rule calibrated's null spans every class): the shipped
+# policy for them.
+SPLIT = ("--policy", "split")
 
 
 def _ac_part(
@@ -123,7 +122,7 @@ def _ac_part(
 ) -> Any:
     work = runs["work"]
     split = ("--classes", classes) if classes is not None else ()
-    chosen = ("--policy", _split_policy(work)) if policy else ()
+    chosen = SPLIT if policy else ()
     return run_gate(
         "ac", str(work / "model.pt"), "--data", str(work / "train.npz"), *split, *chosen,
         "--report-dir", str(work / name), "--cache-dir", str(work / "cache"), "--quiet", *extra,
@@ -148,8 +147,7 @@ def test_class_split_jobs_merge_into_the_single_run_report(runs: dict[str, Any])
     assert "Partial run" in (work / "part1" / "summary.md").read_text()
     merged = work / "merged"
     proc = run_gate(
-        "ac-merge", *reversed(parts), "--policy", _split_policy(work), "--report-dir",
-        str(merged), "--quiet",
+        "ac-merge", *reversed(parts), *SPLIT, "--report-dir", str(merged), "--quiet",
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr  # the single run fails too
     for name in ("report.json", "suspicious.csv", "clean_indices.npy", "summary.md"):
@@ -172,15 +170,14 @@ def test_class_split_refusals(runs: dict[str, Any]) -> None:
         assert proc.returncode in (0, 1), proc.stderr
     lists = [str(work / f"list{i}") for i in range(3)]
     out = str(work / "merge-bad")
-    split = ("--policy", _split_policy(work))
-    missing = run_gate("ac-merge", *lists[:2], *split, "--report-dir", out)
+    missing = run_gate("ac-merge", *lists[:2], *SPLIT, "--report-dir", out)
     assert_one_line_error(missing, "no part clustered class(es) 9")
-    twice = run_gate("ac-merge", *lists, lists[2], *split, "--report-dir", out)
+    twice = run_gate("ac-merge", *lists, lists[2], *SPLIT, "--report-dir", out)
     assert_one_line_error(twice, "class 9 is in both")
     policy = run_gate("ac-merge", *lists, "--policy", "strict", "--report-dir", out)
     assert_one_line_error(policy, "policy 'split'")
-    onto_part = run_gate("ac-merge", *lists, *split, "--report-dir", lists[0])
+    onto_part = run_gate("ac-merge", *lists, *SPLIT, "--report-dir", lists[0])
     assert_one_line_error(onto_part, "is one of the parts")
-    not_a_report = run_gate("ac-merge", str(work), *split, "--report-dir", out)
+    not_a_report = run_gate("ac-merge", str(work), *SPLIT, "--report-dir", out)
     assert_one_line_error(not_a_report, "no report.json")
     assert not Path(out).exists()

@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from gate.ac import numeric
 from gate.ac.candidates import Candidate
-from gate.ac.config import CHUNK, ACConfig
+from gate.ac.config import CHUNK, ACConfig, Classifier
 from gate.ac.exre import Reclassified, exre_sample
 
 # Input dimensions kept for ExRe in the input: PCA keeps the class structure and drops
@@ -51,6 +51,7 @@ INPUT_COMPONENTS = 64
 # input's neighbour vote (a share of the cluster), a tenth of the cluster.
 MIN_SCALE = 0.5
 MIN_SHARE_SCALE = 0.1
+_FLOORS: dict[Classifier, float] = {"logistic": MIN_SCALE, "knn": MIN_SHARE_SCALE}
 # Hash buckets of a text model's bag of words (token ids modulo this).
 TOKEN_BUCKETS = 1024
 
@@ -110,12 +111,13 @@ class Null:
 
 
 def fit_null(
-    scored: Sequence[Scored], floors: Sequence[float], combine: str = "max"
+    scored: Sequence[Scored], classifiers: Sequence[Classifier], combine: str = "max"
 ) -> Null:
-    """Median and 1.4826 MAD (at least ``floors[i]``) of every candidate's statistic, per
-    space."""
+    """Median and 1.4826 MAD of every candidate's statistic, per space (``classifiers``:
+    each space's ExRe classifier, whose statistic sets the scale's floor)."""
     loc, scale = [], []
-    for i, floor in enumerate(floors):
+    for i, classifier in enumerate(classifiers):
+        floor = _FLOORS[classifier]
         v = np.array([s.stats[i] for s in scored if s.stats[i] is not None], dtype=np.float64)
         if len(v) == 0:
             loc.append(math.nan)
@@ -140,9 +142,13 @@ def raw_p(scored: Sequence[Scored], null: Null) -> float:
     upper normal tail, Bonferroni over its candidates (and over the spaces with ``max``)."""
     if not scored:
         return 1.0
-    best = max(null.score(s) for s in scored)
-    tests = len(scored) * (null.n_spaces if null.combine == "max" else 1)
-    return p_value(best, tests)
+    return p_value(max(null.score(s) for s in scored), _tests(scored, null))
+
+
+def _tests(scored: Sequence[Scored], null: Null) -> int:
+    """The tests a class's best score stands for: its candidates (times the spaces with
+    ``max``)."""
+    return len(scored) * (null.n_spaces if null.combine == "max" else 1)
 
 
 def holm(ps: Sequence[float]) -> list[float]:
@@ -180,7 +186,7 @@ def decide(
     if p < cfg.alpha:
         space = null.best_space(scored[best])
         if scored[best].verdicts[space].unanimous is not None:
-            tests = len(scored) * (null.n_spaces if null.combine == "max" else 1) * n_classes
+            tests = _tests(scored, null) * n_classes
             best = max(
                 (i for i, sc in enumerate(scores) if p_value(sc, tests) < cfg.alpha or i == best),
                 key=lambda i: (_unanimous_count(scored[i], space), scores[i]),

@@ -167,9 +167,7 @@ def cluster_classes(
     if config.rule == "calibrated" and exre_hook is None and input_x is not None:
         space = calibrated.input_space(input_x, labels, config.seed, input_order, input_tokens)
         if space is not None:
-            trainings.append(
-                ExreTraining(space, labels, config.seed, config.input_classifier)
-            )
+            trainings.append(ExreTraining(space, labels, config.seed, "knn"))
     done: list[ClassClustering | _Prepared] = []
     for c in wanted:
         prep = _prepare(activations, labels, c, config, training, exre_hook)
@@ -185,11 +183,7 @@ def cluster_classes(
     if config.rule != "calibrated":
         return [d for d in done if isinstance(d, ClassClustering)]
     pool = [s for d in done if isinstance(d, _Prepared) for s in d.scored]
-    floors = [
-        calibrated.MIN_SHARE_SCALE if t.classifier == "knn" else calibrated.MIN_SCALE
-        for t in trainings
-    ]
-    null = calibrated.fit_null(pool, floors, config.combine)
+    null = calibrated.fit_null(pool, [t.classifier for t in trainings], config.combine)
     preps = [d for d in done if isinstance(d, _Prepared)]
     adjusted = dict(
         zip(

@@ -78,8 +78,6 @@ class ACConfig:
     # Rule "calibrated": how the spaces' z combine. "max" (Bonferroni over the spaces): an
     # MLP's poison can stand out in the input only (bench/README.md, issue 15).
     combine: Literal["mean", "max"] = "max"
-    # Rule "calibrated": the ExRe classifier in the input space (gate.ac.exre).
-    input_classifier: Classifier = "knn"
     seed: int = 0
 
 

@@ -186,9 +186,10 @@ def _knn_verdict(
     for s in range(0, len(x_test), step):
         block = np.asarray(x_test[s : s + step], dtype=np.float64)
         dist = sq_train[None, :] - 2.0 * block @ train.T
-        near = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < len(train) else None
-        if near is None:
-            near = np.broadcast_to(np.arange(len(train)), (len(block), len(train)))
+        if k < len(train):
+            near = np.argpartition(dist, k - 1, axis=1)[:, :k]
+        else:
+            near = np.broadcast_to(np.arange(len(train)), dist.shape)
         # Order the k nearest (stable on the row index) so a tie goes to the nearest row.
         order = np.argsort(np.take_along_axis(dist, near, axis=1), axis=1, kind="stable")
         near = np.take_along_axis(near, order, axis=1)
