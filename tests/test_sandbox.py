@@ -9,6 +9,7 @@ sockets or processes, captured output, memory and wall-clock limits, crash repor
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -85,9 +86,10 @@ def escape_model(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _arch_run(
-    weights: Path, code: Path, target: Path, mode: str, *extra: str
+    weights: Path, code: Path, target: Path, mode: str, *extra: str, spawn: bool = False
 ) -> tuple[object, float]:
     env = {
+        **({"GATE_NO_ZYGOTE": "1"} if spawn else {}),
         "PYTHONPATH": str(code),
         "GITHUB_TOKEN": "ghp_secret",
         "CI_JOB_TOKEN": "glcbt-secret",
@@ -111,14 +113,16 @@ def _arch_run(
     return proc, time.monotonic() - started
 
 
+@pytest.mark.parametrize("start", ["forked", "spawned"])
 def test_model_cannot_write_connect_exec_or_see_secrets(
-    escape_model: tuple[Path, Path], tmp_path: Path
+    escape_model: tuple[Path, Path], tmp_path: Path, start: str
 ) -> None:
+    """The same confinement whether the zygote forked the child or it was spawned."""
     weights, code = escape_model
     target = tmp_path / "outside" / "owned.txt"
     target.parent.mkdir()
     before = sorted(p.name for p in code.iterdir())
-    proc, _ = _arch_run(weights, code, target, "report")
+    proc, _ = _arch_run(weights, code, target, "report", spawn=start == "spawned")
     assert_one_line_error(proc, "REPORT")
     err = proc.stderr
     assert "write=denied" in err and "from_file=denied" in err, err
@@ -135,11 +139,12 @@ def test_model_cannot_write_connect_exec_or_see_secrets(
         assert "injected by the model" not in stream
 
 
+@pytest.mark.parametrize("start", ["forked", "spawned"])
 def test_crash_by_signal_is_one_line_exit_2(
-    escape_model: tuple[Path, Path], tmp_path: Path
+    escape_model: tuple[Path, Path], tmp_path: Path, start: str
 ) -> None:
     weights, code = escape_model
-    proc, _ = _arch_run(weights, code, tmp_path / "x", "segv")
+    proc, _ = _arch_run(weights, code, tmp_path / "x", "segv", spawn=start == "spawned")
     assert_one_line_error(proc, "model crashed during forward (signal 11")
 
 
@@ -324,3 +329,79 @@ def test_model_file_name_with_undecodable_bytes_loads(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "\\udcff" in proc.stdout and "\udcff" not in proc.stdout  # shown escaped
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rpartition(")")[2].split()[1])
+
+
+def _tiny_model(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU())
+    net.append(torch.nn.Linear(8, 3))
+    torch.jit.save(torch.jit.script(net), str(path))
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote is Linux-only")
+def test_children_are_forked_by_one_confined_zygote(tmp_path: Path) -> None:
+    """Two models, two children, one zygote (torch imported once): each child is still its
+    own confined process, and the zygote is neither gate nor readable by gate's user."""
+    import numpy as np
+
+    from gate.models import load_model
+
+    x = np.random.default_rng(0).random((4, 16), dtype=np.float32)
+    models = [load_model(_tiny_model(tmp_path / f"m{i}.pt", i)) for i in range(2)]
+    try:
+        pids = [m._proc._proc.pid for m in models]  # type: ignore[attr-defined]
+        zygotes = {_parent_of(pid) for pid in pids}
+        assert len(set(pids)) == 2 and len(zygotes) == 1 and os.getpid() not in zygotes
+        zygote = zygotes.pop()
+        assert _parent_of(zygote) == os.getpid()
+        cmdline = Path(f"/proc/{zygote}/cmdline").read_bytes().split(b"\0")
+        assert b"gate.sandbox.zygote" in cmdline
+        outs = [m.forward(x).outputs for m in models]
+        assert not np.allclose(outs[0], outs[1])  # each child serves its own model
+        if os.geteuid() != 0:  # not dumpable: same-user processes cannot read or trace it
+            with pytest.raises(PermissionError):
+                Path(f"/proc/{zygote}/environ").read_bytes()
+    finally:
+        for m in models:
+            m.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote is Linux-only")
+def test_a_dead_zygote_takes_its_children_and_gate_spawns_instead(tmp_path: Path) -> None:
+    import signal
+
+    import numpy as np
+
+    from gate.errors import SandboxError
+    from gate.models import load_model
+    from gate.sandbox import forkserver
+
+    x = np.zeros((2, 16), dtype=np.float32)
+    first = load_model(_tiny_model(tmp_path / "a.pt", 0))
+    before = dict(forkserver._ZYGOTES)
+    try:
+        zygote = _parent_of(first._proc._proc.pid)  # type: ignore[attr-defined]
+        assert zygote != os.getpid()
+        os.kill(zygote, signal.SIGKILL)
+        with pytest.raises(SandboxError, match="signal 9"):
+            for _ in range(50):  # the child dies with its zygote (PDEATHSIG)
+                first.forward(x)
+                time.sleep(0.1)
+        second = load_model(_tiny_model(tmp_path / "b.pt", 1))
+        try:
+            assert _parent_of(second._proc._proc.pid) == os.getpid()  # type: ignore[attr-defined]
+            assert second.forward(x).outputs.shape == (2, 3)
+        finally:
+            second.close()  # type: ignore[attr-defined]
+    finally:
+        first.close()  # type: ignore[attr-defined]
+        # The next tests in this worker get a fresh zygote rather than spawned children.
+        for key in before:
+            if forkserver._ZYGOTES.get(key) is None:
+                forkserver._ZYGOTES.pop(key, None)

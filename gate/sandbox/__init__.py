@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gate.models.base import LoadedModel
 from gate.sandbox.options import DEFAULT_TIMEOUT, SandboxOptions, current_options, use_sandbox
-from gate.sandbox.process import ModelProcess, python_path
+from gate.sandbox.process import ModelProcess, prestart_zygote, python_path
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -31,9 +31,10 @@ _spare: list[ModelProcess] = []
 def open_model(path: str | Path, more: bool = False) -> LoadedModel:
     """Load ``path`` in a new sandboxed child; the proxy behaves like the loaded model.
 
-    Each model gets its own child, so one model cannot touch another's results. With
-    ``more`` (another model will follow, as in ``baseline build``) the next child starts
-    now, importing torch while this one works.
+    Each model gets its own child, so one model cannot touch another's results. On Linux
+    with the CPU, children are forked by the zygote (gate.sandbox.zygote), which imported
+    torch once; elsewhere, with ``more`` (another model will follow, as in ``baseline
+    build``), the next child starts now, importing torch while this one works.
     """
     from gate.models.arch import current_arch
     from gate.sandbox.proxy import SandboxedModel, SandboxedTextModel
@@ -41,7 +42,7 @@ def open_model(path: str | Path, more: bool = False) -> LoadedModel:
     shown = str(path)
     options = current_options()
     proc = _take_spare(options, shown) or ModelProcess(options, shown)
-    if more:
+    if more and not prestart_zygote(options):
         _spare.append(ModelProcess(options, "(spare)"))
     try:
         arch = current_arch()
@@ -63,9 +64,9 @@ def open_model(path: str | Path, more: bool = False) -> LoadedModel:
 
 
 def prestart() -> None:
-    """Start the first model's child now, so that torch's import in it overlaps gate's own
-    set-up (policy, baseline, data); ``open_model`` then takes it over."""
-    if not _spare:
+    """Start the zygote, or where it does not serve the first model's child, now, so that
+    torch's import overlaps gate's own set-up (policy, baseline, data)."""
+    if not _spare and not prestart_zygote(current_options()):
         _spare.append(ModelProcess(current_options(), "(spare)"))
 
 

@@ -73,19 +73,21 @@ CACHE_DIRS = {
 }
 
 
-def apply_rlimits(cpu_seconds: int, memory_bytes: int | None) -> None:
+def apply_rlimits(cpu_seconds: int | None, memory_bytes: int | None) -> None:
     """Limits the child sets on itself before it touches the model.
 
     No file may grow (``RLIMIT_FSIZE`` 0: writes to regular files fail with EFBIG, while
     the pipes to the parent still work), no core dump, a bounded number of descriptors, a
     CPU-time backstop behind the parent's wall-clock limit, and an address-space cap
-    (skipped for GPUs, whose drivers reserve huge virtual ranges).
+    (skipped for GPUs, whose drivers reserve huge virtual ranges). The zygote
+    (gate.sandbox.zygote) sets all but the last two, which each child it forks sets.
     """
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death by signal
     _set(resource.RLIMIT_FSIZE, 0)
     _set(resource.RLIMIT_CORE, 0)
     _set(resource.RLIMIT_NOFILE, MAX_OPEN_FILES)
-    _set(resource.RLIMIT_CPU, max(1, cpu_seconds))
+    if cpu_seconds is not None:
+        _set(resource.RLIMIT_CPU, max(1, cpu_seconds))
     if memory_bytes is not None:
         _set(resource.RLIMIT_AS, memory_bytes)
     if sys.platform.startswith("linux"):  # the child never outlives gate

@@ -17,7 +17,7 @@ from collections import deque
 from typing import IO, Any
 
 from gate.errors import GateError, ModelLoadError, SandboxError
-from gate.sandbox import limits, protocol
+from gate.sandbox import forkserver, limits, protocol
 from gate.sandbox.options import SandboxOptions
 
 _OUTPUT_KEPT = 64 * 1024  # bytes of the child's own output kept for GATE_DEBUG
@@ -41,29 +41,10 @@ class ModelProcess:
         self._resp_r, resp_w = os.pipe()
         env = limits.child_env(home, python_path(), os.environ)
         memory = options.memory_bytes() or 0
-        cmd = [
-            sys.executable,
-            "-m",
-            "gate.sandbox.child",
-            str(req_r),
-            str(resp_w),
-            str(options.cpu_seconds()),
-            str(memory),
-            options.device,
-        ]
         self.started = time.monotonic()
         self.deadline = self.started + options.timeout
         try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                pass_fds=(req_r, resp_w),
-                start_new_session=True,  # a signal to gate's group does not hit the child twice
-            )
+            self._proc = _start(options, env, cwd, memory, req_r, resp_w)
         except OSError as exc:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise SandboxError(f"cannot start the model sandbox ({exc})") from None
@@ -162,10 +143,52 @@ class ModelProcess:
         return SandboxError(f"{self.what}: model process exited unexpectedly (exit status {code})")
 
     def _kill(self) -> None:
+        if self._proc.poll() is not None:  # reaped: its pid may already be someone else's
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
+        # A forked child killed before its setsid() is not yet its own group's leader.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self._proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
+
+
+def _start(
+    options: SandboxOptions, env: dict[str, str], cwd: str, memory: int, req_r: int, resp_w: int
+) -> subprocess.Popen[bytes] | forkserver.Forked:
+    """The child, forked by the zygote where it serves (the CPU, on Linux), else spawned."""
+    if options.device == "cpu":
+        forked = forkserver.fork(env, cwd, options.cpu_seconds(), memory, req_r, resp_w)
+        if forked is not None:
+            return forked
+    cmd = [
+        sys.executable,
+        "-m",
+        "gate.sandbox.child",
+        str(req_r),
+        str(resp_w),
+        str(options.cpu_seconds()),
+        str(memory),
+        options.device,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
+        pass_fds=(req_r, resp_w),
+        start_new_session=True,  # a signal to gate's group does not hit the child twice
+    )
+
+
+def prestart_zygote(options: SandboxOptions) -> bool:
+    """Start the zygote now where it will serve ``options``; False where children spawn."""
+    if options.device != "cpu":
+        return False
+    return forkserver.prestart(limits.child_env("", python_path(), os.environ))
 
 
 def _drain(stream: IO[bytes] | None, kept: deque[bytes]) -> None:
