@@ -38,12 +38,8 @@ class Forked:
         self.pid = pid
         self.stdout: IO[bytes] | None = stdout
 
-    @property
-    def returncode(self) -> int | None:
-        return self._zygote.exit_code(self.pid)
-
     def poll(self) -> int | None:
-        return self.returncode
+        return self._zygote.exit_code(self.pid)
 
     def wait(self, timeout: float | None = None) -> int:
         code = self._zygote.wait(self.pid, timeout)
@@ -83,7 +79,7 @@ def _zygote_for(env: dict[str, str]) -> tuple[tuple[tuple[str, str], ...], _Zygo
 
 # Each child's own paths; the rest of the environment (thread counts, PYTHONPATH) is fixed
 # when the zygote imports torch, so a different value needs a different zygote.
-_PER_CHILD = frozenset({"HOME", "TMPDIR", *limits.CACHE_DIRS})
+_PER_CHILD = frozenset(limits.home_env(""))
 
 
 class _Zygote:
@@ -105,8 +101,7 @@ class _Zygote:
         home = tempfile.mkdtemp(prefix="gate-zygote-")
         os.chmod(home, 0o700)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        zygote_env = {**env, "HOME": home, "TMPDIR": home}
-        zygote_env.update({var: os.path.join(home, sub) for var, sub in limits.CACHE_DIRS.items()})
+        zygote_env = {**env, **limits.home_env(home)}
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gate.sandbox.zygote", str(theirs.fileno())],

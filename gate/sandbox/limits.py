@@ -40,8 +40,6 @@ def child_env(home: str, python_path: list[str], parent: Mapping[str, str]) -> d
     env = {k: parent[k] for k in _PASS_THROUGH if k in parent}
     env.update(
         {
-            "HOME": home,
-            "TMPDIR": home,
             "PYTHONPATH": os.pathsep.join(python_path),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONNOUSERSITE": "1",
@@ -57,10 +55,19 @@ def child_env(home: str, python_path: list[str], parent: Mapping[str, str]) -> d
             "CUDA_CACHE_DISABLE": "1",
         }
     )
-    # Caches libraries create on import (torch's inductor/triton through transformers,
-    # the hub's): private directories the child makes before its filter goes on.
-    env.update({var: os.path.join(home, sub) for var, sub in CACHE_DIRS.items()})
+    env.update(home_env(home))
     return env
+
+
+def home_env(home: str) -> dict[str, str]:
+    """The variables that point into one process's private ``home``: HOME, TMPDIR and the
+    caches libraries create on import (torch's inductor/triton through transformers, the
+    hub's), private directories the child makes before its filter goes on."""
+    return {
+        "HOME": home,
+        "TMPDIR": home,
+        **{var: os.path.join(home, sub) for var, sub in CACHE_DIRS.items()},
+    }
 
 
 # Hyphenated, should they ever sit on sys.path: a directory named like a package
