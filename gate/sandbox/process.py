@@ -37,8 +37,8 @@ class ModelProcess:
         cwd, home = os.path.join(self.workdir, "work"), os.path.join(self.workdir, "home")
         os.mkdir(cwd)
         os.mkdir(home)
-        req_r, self._req_w = os.pipe()
-        self._resp_r, resp_w = os.pipe()
+        req_r, self._req_w = protocol.pipe()
+        self._resp_r, resp_w = protocol.pipe()
         env = limits.child_env(home, python_path(), os.environ)
         memory = options.memory_bytes() or 0
         self.started = time.monotonic()
