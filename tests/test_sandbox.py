@@ -438,8 +438,8 @@ def test_child_memory_does_not_grow_with_the_number_of_batches(tmp_path: Path) -
         proc = model._proc  # type: ignore[attr-defined]
         with open("/proc/sys/fs/pipe-max-size") as fh:
             if int(fh.read()) >= protocol.PIPE_BYTES:  # widened: fewer wake-ups per batch
-                assert fcntl.fcntl(proc._req_w, 1032) == protocol.PIPE_BYTES  # F_GETPIPE_SZ
-                assert fcntl.fcntl(proc._resp_r, 1032) == protocol.PIPE_BYTES
+                assert fcntl.fcntl(proc._req_w, fcntl.F_GETPIPE_SZ) == protocol.PIPE_BYTES
+                assert fcntl.fcntl(proc._resp_r, fcntl.F_GETPIPE_SZ) == protocol.PIPE_BYTES
         rng = np.random.default_rng(0)
         x = rng.standard_normal((1024, 64), dtype=np.float32)
 

@@ -31,7 +31,6 @@ _CHUNK = 1 << 22
 # /proc/sys/fs/pipe-max-size, 1 MiB by default). With the default 64 KiB, every 64 KiB of
 # activations costs a wake-up of each side: 1.2 s of a 200k-row extraction (bench/README).
 PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031
 
 
 def pipe() -> tuple[int, int]:
@@ -42,7 +41,7 @@ def pipe() -> tuple[int, int]:
 
         # Above pipe-max-size the call fails and the default buffer still works.
         with contextlib.suppress(OSError):
-            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), PIPE_BYTES)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     return r, w
 
 
