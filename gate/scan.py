@@ -148,6 +148,10 @@ def scan(
     (and ac_extract/ac_cluster, the two parts of ac, and trigger_search)."""
     if baseline is not None:
         check_min_references(baseline, policy)
+    if data is not None and policy.activation_clustering.rule in ("exre", "calibrated"):
+        from gate.ac.numeric import prefetch_solver
+
+        prefetch_solver()  # ExRe's classifier: imported while the sandbox starts
     t0 = time.perf_counter()
     model = load_model(model_path)
     if timings is not None:

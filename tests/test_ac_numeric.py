@@ -86,3 +86,21 @@ def test_logistic_regression_matches_sklearn() -> None:
     np.testing.assert_array_equal(classes, clf.classes_)
     # Log-probabilities, what the ExRe log-odds thresholds are measured in.
     np.testing.assert_allclose(np.log(proba + 1e-12), np.log(theirs + 1e-12), atol=0.02)
+
+
+def test_prefetch_solver_imports_the_optimizer_in_the_background() -> None:
+    # In a fresh interpreter: here scipy.optimize is likely imported already.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gate.ac.numeric import prefetch_solver\n"
+        "assert 'scipy.optimize' not in sys.modules\n"
+        "t = prefetch_solver()\n"
+        "assert t.daemon\n"
+        "t.join(60)\n"
+        "assert 'scipy.optimize' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
