@@ -118,6 +118,64 @@ def test_calibrated_null_comes_from_the_analysed_classes_only() -> None:
     assert [c.p_value for c in again.values()] == [c.p_value for c in res.values()]
 
 
+def _scored(members: range, log_odds: float, lp: float = 0.2) -> Any:
+    from gate.ac.calibrated import Scored
+    from gate.ac.candidates import Candidate
+    from gate.ac.exre import Reclassified
+
+    rows = np.arange(members.start, members.stop, dtype=np.int64)
+    cand = Candidate("layer", 2, np.ones(len(rows), bool), 1.0, np.zeros((len(rows), 2)))
+    return Scored(cand, rows, (Reclassified(lp, 3, log_odds),))
+
+
+def test_null_leaves_each_class_strongest_cluster_out() -> None:
+    from gate.ac.calibrated import fit_null, robust_null
+
+    # Every class offers its poison cluster three times (k = 2, 3, 4: rows 0-59 with small
+    # differences) and two natural splits: all-to-all, where most candidates are poison.
+    by_class = []
+    for c in range(10):
+        base = 1000 * c
+        poison = [_scored(range(base, base + 60 + k), 12.0 + 0.1 * k + 0.01 * c) for k in range(3)]
+        natural = [_scored(range(base + 100, base + 250), -4.0 + 0.3 * c),
+                   _scored(range(base + 300, base + 420), 1.0 + 0.2 * c)]  # fmt: skip
+        by_class.append(poison + natural)
+    everything = robust_null([s for g in by_class for s in g], ["logistic"])
+    assert everything.location[0] > 10  # the poison is the null: nothing stands out
+    null = fit_null(by_class, ["logistic"])
+    assert null.location[0] < 2, null.describe()
+    assert all(null.score(g[0]) > 3 for g in by_class)
+    # A class whose candidates are all one cluster leaves nothing: the others still count;
+    # with nothing left anywhere, every candidate is the null.
+    alone = [[_scored(range(0, 60), 9.0), _scored(range(0, 61), 9.5)]]
+    assert fit_null(alone, ["logistic"]) == robust_null(alone[0], ["logistic"])
+
+
+def test_a_cluster_exre_keeps_in_its_own_class_is_not_flagged_by_its_score() -> None:
+    from gate.ac.calibrated import decide, fit_null, raw_p
+
+    # Natural splits: each class has one that stands out from its ordinary ones (a style of
+    # writing), but ExRe keeps most of it in its own class (l/p >= 1). Against a null
+    # without each class's strongest split it would score z ~ 8 (an MNIST MLP of the
+    # benchmark had six classes flagged so); ExRe's own test says it is no poison.
+    def ordinary(c: int, j: int) -> Any:
+        return _scored(range(1000 * c + 200 + 50 * j, 1000 * c + 240 + 50 * j), -12 + j, 20.0)
+
+    by_class = [
+        [_scored(range(1000 * c, 1000 * c + 150), -1.5 + 0.1 * c, lp=3.0)]
+        + [ordinary(c, j) for j in range(5)]
+        for c in range(10)
+    ]
+    null = fit_null(by_class, ["logistic"])
+    assert null.score(by_class[0][0]) > 5
+    assert all(raw_p(g, null) == 1.0 for g in by_class)
+    best, _, flagged = decide(CALIBRATED, by_class[0], null, raw_p(by_class[0], null))
+    assert not flagged and best is by_class[0][0]  # the report still shows its top split
+    # The same split, moved to another class by ExRe (l/p < 1), is flagged.
+    moved = [_scored(range(0, 150), -1.5, lp=0.5), *by_class[0][1:]]
+    assert raw_p(moved, null) < CALIBRATED.alpha
+
+
 def test_p_value_is_a_bonferroni_normal_tail() -> None:
     assert p_value(float("-inf"), 5) == 1.0
     assert abs(p_value(0.0, 1) - 0.5) < 1e-12
@@ -228,6 +286,20 @@ def test_mlp_half_of_the_class_poisoned_all_to_one_is_flagged_and_sent_home() ->
     relabels, before = dict(zero.relabels), _source_labels(case)
     poison = np.flatnonzero(mask)
     assert np.mean([relabels.get(i) == before[i] for i in poison]) >= 0.9
+
+
+def test_mlp_all_to_all_poisoning_is_flagged_in_most_classes() -> None:
+    # Every class holds its own poison cluster (inverted corner pixels, l -> l + 1), found
+    # by k = 2, 3 and 4 alike: with those in the null, only 5 classes were flagged (F1
+    # 0.66); without each class's strongest cluster in it, 7 (F1 0.83, 3 rows wrongly).
+    d, mask = _case_layers(arch="mlp", attack="invpix-a2a", rate=0.15)
+    assert d["asr"] >= 0.8
+    res = _calibrated(d)
+    flagged = [c for c in res if c.flagged]
+    assert len(flagged) >= 7, [(c.label, c.p_value) for c in res]
+    assert _f1(res, mask) >= 0.8
+    found = np.array(sorted({i for c in flagged for i in c.suspicious_indices}))
+    assert mask[found].mean() >= 0.95
 
 
 def test_input_vote_is_not_swung_by_poison_left_in_its_training_rows() -> None:

@@ -10,14 +10,27 @@ k-means clusters of most classes are natural splits, so their ExRe log-odds desc
 For every ExRe space (the ExRe layer and, for numeric inputs, a PCA of the input itself:
 MLPs carry the trigger into their first hidden layer, the input never does) the null is
 the log-odds of every candidate of every class of the model: robust location (median) and
-scale (1.4826 MAD, at least :data:`MIN_SCALE`). A candidate's score is the largest of its
-robust z over the spaces (``combine="max"``, Bonferroni over the spaces; the mean of them,
-``"mean"``, missed every MLP one-target case of the benchmark). Poisoned classes
-contribute a few candidates each, so even with every class poisoned (all-to-all) the median
-and MAD stay close to those of the natural splits.
+scale (1.4826 MAD, at least :data:`MIN_SCALE`), each class's strongest cluster left out
+(:func:`fit_null`). A candidate's score is the largest of its robust z over the spaces
+(``combine="max"``, Bonferroni over the spaces; the mean of them, ``"mean"``, missed every
+MLP one-target case of the benchmark).
 
-The class's p-value is that of its best candidate under a standard normal reference for
-the score, Bonferroni-corrected for the number of candidates the class offered, then
+Why leave each class's strongest cluster out: k-means with k = 2, 3 and 4 in two spaces
+finds a poison cluster again and again, so a poisoned class offers it several times. With
+every class poisoned (all-to-all), 30 of the 48 candidates of an MNIST MLP were the same
+ten poison clusters: the null was the poison (ExRe log-odds 7.7 +- 6.5), and no class
+stood out (p = 1 for all ten). Without them the null is the natural splits of the model,
+and every class's poison stands out (p <= 2e-6). The price: the null now describes a
+class's ordinary splits, not its best one, so a class's strongest natural split stands out
+more than before (the benchmark's lowest clean-model p fell from 1.9e-4 to 2.2e-5, alpha
+1e-6), and where every class has a distinct style cluster it can stand out a lot (an
+MNIST MLP: six classes' natural splits at z ~ 8). What tells those apart is ExRe's own
+test, so only a candidate that ExRe moves to another class in some space (l/p < 1,
+:func:`moved`) can be flagged by its score: those natural splits stayed in their class
+(log-odds -1 to -2, 1-21 % of them put elsewhere by the input neighbours).
+
+The class's p-value is that of its best moved candidate under a standard normal reference
+for the score, Bonferroni-corrected for the number of candidates the class offered, then
 Holm-adjusted over the classes analysed (:func:`holm`). It is a
 nominal p-value (natural candidates have heavier tails than a normal), so ``alpha`` is
 small; the benchmark measures what it gives on clean models (bench/results/ac.md).
@@ -52,6 +65,9 @@ INPUT_COMPONENTS = 64
 MIN_SCALE = 0.5
 MIN_SHARE_SCALE = 0.1
 _FLOORS: dict[Classifier, float] = {"logistic": MIN_SCALE, "knn": MIN_SHARE_SCALE}
+# A candidate sharing at least this share of the smaller one's members with its class's
+# strongest candidate is the same cluster found again (another k or space).
+SAME_CLUSTER = 0.5
 # Hash buckets of a text model's bag of words (token ids modulo this).
 TOKEN_BUCKETS = 1024
 
@@ -111,6 +127,34 @@ class Null:
 
 
 def fit_null(
+    by_class: Sequence[Sequence[Scored]],
+    classifiers: Sequence[Classifier],
+    combine: str = "max",
+) -> Null:
+    """The null of a model's candidates (``by_class``: each class's): :func:`robust_null` of
+    them all without each class's strongest candidate (highest score under the null of all
+    of them) and the candidates that are mostly the same cluster (:data:`SAME_CLUSTER`).
+    All of them when nothing would be left."""
+    everything = [s for group in by_class for s in group]
+    first = robust_null(everything, classifiers, combine)
+    natural = [s for group in by_class for s in _without_strongest(group, first)]
+    return robust_null(natural or everything, classifiers, combine)
+
+
+def _without_strongest(group: Sequence[Scored], null: Null) -> list[Scored]:
+    if not group:
+        return []
+    top = max(group, key=null.score).members
+    return [s for s in group if _overlap(s.members, top) < SAME_CLUSTER]
+
+
+def _overlap(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> float:
+    """Members shared, over the smaller of the two (members are sorted row indices)."""
+    shared = len(np.intersect1d(a, b, assume_unique=True))
+    return shared / max(1, min(len(a), len(b)))
+
+
+def robust_null(
     scored: Sequence[Scored], classifiers: Sequence[Classifier], combine: str = "max"
 ) -> Null:
     """Median and 1.4826 MAD of every candidate's statistic, per space (``classifiers``:
@@ -142,7 +186,18 @@ def raw_p(scored: Sequence[Scored], null: Null) -> float:
     upper normal tail, Bonferroni over its candidates (and over the spaces with ``max``)."""
     if not scored:
         return 1.0
-    return p_value(max(null.score(s) for s in scored), _tests(scored, null))
+    return p_value(max(_scores(scored, null)), _tests(scored, null))
+
+
+def moved(s: Scored) -> bool:
+    """Whether ExRe puts most of the candidate in another class in some space (l/p < 1,
+    the paper's own test): only such a candidate can be flagged by its score."""
+    return any(v.lp is not None and v.lp < 1.0 for v in s.verdicts)
+
+
+def _scores(scored: Sequence[Scored], null: Null) -> list[float]:
+    """Each candidate's score, -inf for those ExRe keeps in their own class (:func:`moved`)."""
+    return [null.score(s) if moved(s) else -math.inf for s in scored]
 
 
 def _tests(scored: Sequence[Scored], null: Null) -> int:
@@ -181,7 +236,7 @@ def decide(
     """
     if not scored:
         return None, 0, False
-    scores = [null.score(s) for s in scored]
+    scores = _scores(scored, null)
     best = int(np.argmax(scores))
     if p < cfg.alpha:
         space = null.best_space(scored[best])
@@ -198,7 +253,8 @@ def decide(
         # As rule "exre" ranks them: strongest ExRe-layer evidence, then separation.
         pick = max(confident, key=lambda i: (scored[i].odds[0], scored[i].cand.separation))
         return scored[pick], 0, True
-    return scored[best], null.best_space(scored[best]), False
+    top = max(scored, key=null.score)  # what the report shows of an unflagged class
+    return top, null.best_space(top), False
 
 
 def _unanimous_count(s: Scored, space: int) -> float:

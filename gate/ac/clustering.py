@@ -182,9 +182,10 @@ def cluster_classes(
             on_class(prep if isinstance(prep, ClassClustering) else _skip(c, prep.n, ""))
     if config.rule != "calibrated":
         return [d for d in done if isinstance(d, ClassClustering)]
-    pool = [s for d in done if isinstance(d, _Prepared) for s in d.scored]
-    null = calibrated.fit_null(pool, [t.classifier for t in trainings], config.combine)
     preps = [d for d in done if isinstance(d, _Prepared)]
+    null = calibrated.fit_null(
+        [d.scored for d in preps], [t.classifier for t in trainings], config.combine
+    )
     adjusted = dict(
         zip(
             (d.label for d in preps),
