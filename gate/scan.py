@@ -148,12 +148,19 @@ def scan(
     (and ac_extract/ac_cluster, the two parts of ac, and trigger_search)."""
     if baseline is not None:
         check_min_references(baseline, policy)
+    prefetch = None
     if data is not None and policy.activation_clustering.rule in ("exre", "calibrated"):
         from gate.ac.numeric import prefetch_solver
 
-        prefetch_solver()  # ExRe's classifier: imported while the sandbox starts
+        prefetch = prefetch_solver()  # ExRe's classifier: imported while the sandbox starts
     t0 = time.perf_counter()
-    model = load_model(model_path)
+    try:
+        model = load_model(model_path)
+    finally:
+        if prefetch is not None:
+            # Before anything here imports scipy itself (the fingerprint's detectors): two
+            # threads in one package's circular imports can raise a deadlock error.
+            prefetch.join()
     if timings is not None:
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
     fp = (

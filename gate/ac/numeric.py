@@ -244,10 +244,10 @@ def silhouette(x: Floats, labels: npt.NDArray[np.integer], sample_size: int, see
 
 def prefetch_solver() -> threading.Thread:
     """Import scipy's optimizer (0.5-0.7 s, more than any clustering step at 200,000 rows)
-    on a daemon thread, so that it overlaps the wait for the model's sandbox and the
-    extraction: the parent sleeps in ``select`` then, and the child computes on one core.
-    :func:`logistic_proba` imports it as usual and, if the thread is still at it, waits for
-    the import lock. A failure here is left for that import to report."""
+    on a daemon thread, so that it overlaps the wait for the model's sandbox to start (1-1.3
+    s; the parent only waits then). The caller joins it before it imports anything that
+    imports scipy. :func:`logistic_proba` imports it as usual; a failure here is left for
+    that import to report."""
 
     def run() -> None:
         with contextlib.suppress(Exception):  # reported by the import in logistic_proba
