@@ -391,3 +391,25 @@ def test_a_text_models_input_space_is_its_bag_of_words() -> None:
     assert np.flatnonzero(bags[0]).tolist() == [2, 3, 10, 11]
     assert np.flatnonzero(bags[1]).tolist() == [2, 3, 10, 11, 99]
     assert float(bags[0] @ bags[1]) == pytest.approx(4 / np.sqrt(4 * 5))
+
+
+def test_only_spaces_that_move_a_cluster_count_towards_its_score() -> None:
+    from gate.ac.calibrated import Null, Scored, decide, raw_p
+    from gate.ac.candidates import Candidate
+    from gate.ac.exre import Reclassified
+
+    rows = np.arange(40, dtype=np.int64)
+    cand = Candidate("layer", 2, np.ones(40, bool), 1.0, np.zeros((40, 2)))
+    # The ExRe layer keeps the cluster in its class (l/p 4) though its log-odds stand out
+    # (z 9); the input's neighbours move it (l/p 0.5), with a share of z 2 only.
+    layer = Reclassified(4.0, 3, -1.0)
+    vote = Reclassified(0.5, 5, 0.0, unanimous=0.4)
+    s = Scored(cand, rows, (layer, vote))
+    null = Null((-10.0, 0.2), (1.0, 0.1))
+    assert null.score(s) == pytest.approx(9.0)
+    assert null.score(s, moved_only=True) == pytest.approx(2.0)
+    assert null.best_space(s) == 0 and null.best_space(s, moved_only=True) == 1
+    assert raw_p([s], null) > 0.01
+    # Flagged all the same (a tiny p from elsewhere), its verdict is the moving space's.
+    best, space, flagged = decide(CALIBRATED, [s], null, 1e-9)
+    assert flagged and best is s and space == 1

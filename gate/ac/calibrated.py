@@ -66,7 +66,8 @@ MIN_SCALE = 0.5
 MIN_SHARE_SCALE = 0.1
 _FLOORS: dict[Classifier, float] = {"logistic": MIN_SCALE, "knn": MIN_SHARE_SCALE}
 # A candidate sharing at least this share of the smaller one's members with its class's
-# strongest candidate is the same cluster found again (another k or space).
+# strongest candidate is the same cluster found again (another k or space), or a larger
+# one that holds most of it (a k = 2 half with the poison in it): both leave the null.
 SAME_CLUSTER = 0.5
 # Hash buckets of a text model's bag of words (token ids modulo this).
 TOKEN_BUCKETS = 1024
@@ -97,25 +98,28 @@ class Null:
 
     combine: str = "max"  # "max" or "mean" of the spaces' z
 
-    def score(self, s: Scored) -> float:
+    def score(self, s: Scored, moved_only: bool = False) -> float:
         """Mean (or max) over the spaces of the candidate's robust z (spaces without a
-        verdict are left out; -inf when none has one)."""
-        zs = [
-            (o - m) / d
-            for o, m, d in zip(s.stats, self.location, self.scale, strict=True)
-            if o is not None and math.isfinite(m)
-        ]
+        verdict are left out, and with ``moved_only`` those whose verdict keeps it in its
+        class, :func:`moved`; -inf when none is left)."""
+        zs = [z for z in self._zs(s, moved_only) if math.isfinite(z)]
         if not zs:
             return -math.inf
         return float(max(zs)) if self.combine == "max" else float(np.mean(zs))
 
-    def best_space(self, s: Scored) -> int:
-        """The space where the candidate stands out most (0 when none has a verdict)."""
-        zs = [
-            -math.inf if o is None or not math.isfinite(m) else (o - m) / d
-            for o, m, d in zip(s.stats, self.location, self.scale, strict=True)
-        ]
+    def best_space(self, s: Scored, moved_only: bool = False) -> int:
+        """The space where the candidate stands out most (``moved_only``: of those whose
+        verdict moves it; 0 when none is left)."""
+        zs = self._zs(s, moved_only)
         return int(np.argmax(zs)) if any(math.isfinite(z) for z in zs) else 0
+
+    def _zs(self, s: Scored, moved_only: bool) -> list[float]:
+        return [
+            -math.inf
+            if v.statistic is None or not math.isfinite(m) or (moved_only and not _moves(v))
+            else (v.statistic - m) / d
+            for v, m, d in zip(s.verdicts, self.location, self.scale, strict=True)
+        ]
 
     @property
     def n_spaces(self) -> int:
@@ -133,8 +137,9 @@ def fit_null(
 ) -> Null:
     """The null of a model's candidates (``by_class``: each class's): :func:`robust_null` of
     them all without each class's strongest candidate (highest score under the null of all
-    of them) and the candidates that are mostly the same cluster (:data:`SAME_CLUSTER`).
-    All of them when nothing would be left."""
+    of them, in any space) and the candidates that share most of its members
+    (:data:`SAME_CLUSTER`). All of them when nothing would be left; the scale's floor keeps
+    a null of a few candidates from turning small differences into large scores."""
     everything = [s for group in by_class for s in group]
     first = robust_null(everything, classifiers, combine)
     natural = [s for group in by_class for s in _without_strongest(group, first)]
@@ -182,22 +187,28 @@ def p_value(score: float, n_tests: int) -> float:
 
 
 def raw_p(scored: Sequence[Scored], null: Null) -> float:
-    """The class's p-value before the correction over classes: its strongest candidate's
-    upper normal tail, Bonferroni over its candidates (and over the spaces with ``max``)."""
+    """The class's p-value before the correction over classes: the upper normal tail of its
+    strongest score over the spaces that move a candidate (:func:`moved`), Bonferroni over
+    all its candidates (and over the spaces with ``max``)."""
     if not scored:
         return 1.0
     return p_value(max(_scores(scored, null)), _tests(scored, null))
 
 
 def moved(s: Scored) -> bool:
-    """Whether ExRe puts most of the candidate in another class in some space (l/p < 1,
-    the paper's own test): only such a candidate can be flagged by its score."""
-    return any(v.lp is not None and v.lp < 1.0 for v in s.verdicts)
+    """Whether ExRe moves the candidate to another class in some space: the paper's own
+    test, l/p < 1 (one other class gets more of its members' votes than its own class).
+    Only a space where it does counts towards the score that can flag it."""
+    return any(_moves(v) for v in s.verdicts)
+
+
+def _moves(v: Reclassified) -> bool:
+    return v.lp is not None and v.lp < 1.0
 
 
 def _scores(scored: Sequence[Scored], null: Null) -> list[float]:
-    """Each candidate's score, -inf for those ExRe keeps in their own class (:func:`moved`)."""
-    return [null.score(s) if moved(s) else -math.inf for s in scored]
+    """Each candidate's score over the spaces that move it (-inf where none does)."""
+    return [null.score(s, moved_only=True) for s in scored]
 
 
 def _tests(scored: Sequence[Scored], null: Null) -> int:
@@ -224,9 +235,10 @@ def decide(
     """(the class's chosen candidate, the space whose verdict stands for it, flagged) given
     the class's adjusted p-value ``p`` (``n_classes``: how many classes were analysed).
 
-    Below ``alpha`` the candidate with the highest score is flagged, on the verdict of the
-    space where it stands out most. When that is the input's neighbour vote, the flagged
-    candidate is, of those significant on their own (Bonferroni over the classes), the one
+    Below ``alpha`` the candidate with the highest score over the spaces that move it is
+    flagged, on the verdict of the one of those where it stands out most. When that is the
+    input's neighbour vote, the flagged candidate is, of those significant on their own
+    (Bonferroni over the classes), the one
     with the most members put elsewhere unanimously: the top score goes to the purest
     cluster, often a third of the poison (an all-to-one target class holds poison from
     every source class, and k-means with k = 3 or 4 cuts it by source). Otherwise the rule
@@ -239,14 +251,14 @@ def decide(
     scores = _scores(scored, null)
     best = int(np.argmax(scores))
     if p < cfg.alpha:
-        space = null.best_space(scored[best])
+        space = null.best_space(scored[best], moved_only=True)
         if scored[best].verdicts[space].unanimous is not None:
             tests = _tests(scored, null) * n_classes
             best = max(
                 (i for i, sc in enumerate(scores) if p_value(sc, tests) < cfg.alpha or i == best),
                 key=lambda i: (_unanimous_count(scored[i], space), scores[i]),
             )
-            space = null.best_space(scored[best])
+            space = null.best_space(scored[best], moved_only=True)
         return scored[best], space, True
     confident = [i for i, s in enumerate(scored) if _confident(cfg, s)]
     if confident:

@@ -34,9 +34,9 @@ Rules (``ACConfig.rule``):
   cluster-vs-rest with ExRe l/p < 1.
 
 * ``"calibrated"`` (opt-in, issue 15): the same candidates, with ExRe also in a PCA of the
-  input; each class's best candidate is scored against the null of every candidate of the
-  model and gets a p-value; flagged below ``alpha`` or at log-odds > ``exre_log_odds``
-  (:mod:`gate.ac.calibrated`).
+  input; each class's best candidate is scored against a null of the model's other
+  candidates (each class's strongest cluster left out) and gets a p-value; flagged below
+  ``alpha`` or at log-odds > ``exre_log_odds`` (:mod:`gate.ac.calibrated`).
 
 Silhouette and spectral signatures are reported but do not flag by default.
 
@@ -306,8 +306,10 @@ def _calibrated(
             f"k-means cluster (k={cand.k}, {cand.where}) holds {size / n:.0%} of the class",
             f"separation {cand.separation:.2f} > {cfg.separation_threshold}",
             f"{_evidence_text(best)} (source {verdict.source}); "
-            f"this model's candidates: {null.describe()}",
-            f"calibrated score {null.score(best):.2f}, p {p:.2g} (Holm over the classes) "
+            f"this model's null (its candidates, each class's strongest left out): "
+            f"{null.describe()}",
+            f"calibrated score {null.score(best, moved_only=True):.2f}, p {p:.2g} "
+            "(Holm over the classes) "
             f"({'<' if p < cfg.alpha else '>='} alpha {cfg.alpha:g})",
         )
         if flagged and p >= cfg.alpha:
