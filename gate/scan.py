@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from gate._version import __version__
+from gate.ac.config import EXRE_RULES
 from gate.ac.options import ACOptions
 from gate.ac.run import activation_clustering
 from gate.activations import ActivationCache
@@ -149,7 +150,7 @@ def scan(
     if baseline is not None:
         check_min_references(baseline, policy)
     prefetch = None
-    if data is not None and policy.activation_clustering.rule in ("exre", "calibrated"):
+    if data is not None and policy.activation_clustering.rule in EXRE_RULES:
         from gate.ac.numeric import prefetch_solver
 
         prefetch = prefetch_solver()  # ExRe's classifier: imported while the sandbox starts

@@ -26,7 +26,7 @@ more than before (the benchmark's lowest clean-model p fell from 1.9e-4 to 2.2e-
 1e-6), and where every class has a distinct style cluster it can stand out a lot (an
 MNIST MLP: six classes' natural splits at z ~ 8). What tells those apart is ExRe's own
 test, so only a candidate that ExRe moves to another class in some space (l/p < 1,
-:func:`moved`) can be flagged by its score: those natural splits stayed in their class
+:func:`moves`) can be flagged by its score: those natural splits stayed in their class
 (log-odds -1 to -2, 1-21 % of them put elsewhere by the input neighbours).
 
 The class's p-value is that of its best moved candidate under a standard normal reference
@@ -101,7 +101,7 @@ class Null:
     def score(self, s: Scored, moved_only: bool = False) -> float:
         """Mean (or max) over the spaces of the candidate's robust z (spaces without a
         verdict are left out, and with ``moved_only`` those whose verdict keeps it in its
-        class, :func:`moved`; -inf when none is left)."""
+        class, :func:`moves`; -inf when none is left)."""
         zs = [z for z in self._zs(s, moved_only) if math.isfinite(z)]
         if not zs:
             return -math.inf
@@ -116,7 +116,7 @@ class Null:
     def _zs(self, s: Scored, moved_only: bool) -> list[float]:
         return [
             -math.inf
-            if v.statistic is None or not math.isfinite(m) or (moved_only and not _moves(v))
+            if v.statistic is None or not math.isfinite(m) or (moved_only and not moves(v))
             else (v.statistic - m) / d
             for v, m, d in zip(s.verdicts, self.location, self.scale, strict=True)
         ]
@@ -188,21 +188,17 @@ def p_value(score: float, n_tests: int) -> float:
 
 def raw_p(scored: Sequence[Scored], null: Null) -> float:
     """The class's p-value before the correction over classes: the upper normal tail of its
-    strongest score over the spaces that move a candidate (:func:`moved`), Bonferroni over
+    strongest score over the spaces that move a candidate (:func:`moves`), Bonferroni over
     all its candidates (and over the spaces with ``max``)."""
     if not scored:
         return 1.0
     return p_value(max(_scores(scored, null)), _tests(scored, null))
 
 
-def moved(s: Scored) -> bool:
-    """Whether ExRe moves the candidate to another class in some space: the paper's own
+def moves(v: Reclassified) -> bool:
+    """Whether a space's ExRe verdict moves the candidate to another class: the paper's own
     test, l/p < 1 (one other class gets more of its members' votes than its own class).
-    Only a space where it does counts towards the score that can flag it."""
-    return any(_moves(v) for v in s.verdicts)
-
-
-def _moves(v: Reclassified) -> bool:
+    Only a space where it does counts towards the score that can flag the candidate."""
     return v.lp is not None and v.lp < 1.0
 
 
@@ -238,13 +234,13 @@ def decide(
     Below ``alpha`` the candidate with the highest score over the spaces that move it is
     flagged, on the verdict of the one of those where it stands out most. When that is the
     input's neighbour vote, the flagged candidate is, of those significant on their own
-    (Bonferroni over the classes), the one
-    with the most members put elsewhere unanimously: the top score goes to the purest
-    cluster, often a third of the poison (an all-to-one target class holds poison from
-    every source class, and k-means with k = 3 or 4 cuts it by source). Otherwise the rule
-    "exre" thresholds still apply to the ExRe layer (log-odds above ``exre_log_odds``, or
-    half that for a candidate farther than ``isolated_separation`` from the rest): confident
-    reclassification needs no calibration, and the calibrated rule flags whatever rule "exre" flags.
+    (Bonferroni over the classes), the one with the most members put elsewhere unanimously:
+    the top score goes to the purest cluster, often a third of the poison (an all-to-one
+    target class holds poison from every source class, and k-means with k = 3 or 4 cuts it
+    by source). Otherwise the rule "exre" thresholds still apply to the ExRe layer
+    (log-odds above ``exre_log_odds``, or half that for a candidate farther than
+    ``isolated_separation`` from the rest): confident reclassification needs no
+    calibration, and the calibrated rule flags whatever rule "exre" flags.
     """
     if not scored:
         return None, 0, False

@@ -13,6 +13,9 @@ Reduction = Literal["ica", "pca"]
 Detector = Literal["ac", "spectral", "either"]
 Rule = Literal["exre", "separation", "calibrated"]
 Classifier = Literal["logistic", "knn"]
+# The rules that judge clusters with exclusionary reclassification (an ExRe layer and its
+# classifier).
+EXRE_RULES: frozenset[str] = frozenset({"exre", "calibrated"})
 ExreHook = Callable[
     [npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32]], npt.ArrayLike
 ]

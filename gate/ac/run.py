@@ -15,6 +15,7 @@ from gate.ac.clustering import (
     ACConfig,
     ClassClustering,
 )
+from gate.ac.config import EXRE_RULES
 from gate.ac.extract import LayerRequest
 from gate.ac.options import ACOptions
 from gate.activations import ActivationCache
@@ -59,7 +60,7 @@ def activation_clustering(
 
     opts = options or ACOptions()
     labels = np.unique(data.y)
-    if policy.rule in ("exre", "calibrated") and len(labels) < 2:
+    if policy.rule in EXRE_RULES and len(labels) < 2:
         # Exclusionary reclassification asks which *other* class a cluster belongs to: with
         # one class nothing can be decided, and a check that decided nothing is no pass.
         raise DataError(
@@ -204,7 +205,7 @@ def to_data_rows(c: ClassClustering, order: np.ndarray) -> ClassClustering:
 
 def ac_config(policy: ActivationClusteringPolicy, opts: ACOptions, seed: int = 0) -> ACConfig:
     """The clustering configuration a policy and the `gate ac` options ask for."""
-    exre = policy.rule in ("exre", "calibrated")
+    exre = policy.rule in EXRE_RULES
     separation = policy.separation_threshold
     if separation is None:
         separation = EXRE_SEPARATION_THRESHOLD if exre else SEPARATION_THRESHOLD
@@ -247,7 +248,7 @@ def _exre_layer(
 
     if opts.exre_layer:
         return LayerRequest(resolve_layer(model, opts.exre_layer), opts.pool)
-    if policy.rule not in ("exre", "calibrated"):
+    if policy.rule not in EXRE_RULES:
         return None
     name = default_exre_layer(model, chosen)
     return None if name is None else LayerRequest(name, pool_wider_than=EXRE_FLAT_MAX)
