@@ -49,7 +49,7 @@ runs them per class and assembles the results.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -148,6 +148,7 @@ def cluster_classes(
     input_x: npt.NDArray[np.floating] | None = None,
     input_order: npt.NDArray[np.int64] | None = None,
     input_tokens: bool = False,
+    early: Mapping[int, Callable[[], ClassClustering | Split]] | None = None,
 ) -> list[ClassClustering]:
     """Cluster each class's activations; ``suspicious_indices`` are rows of the data.
 
@@ -158,7 +159,9 @@ def cluster_classes(
     (of their bags of words with ``input_tokens``: a text model's token ids and mask).
     ``exre_hook`` replaces the linear classifier with the user's own retraining (full ExRe).
     ``on_class`` is called with each class's result as it is done (progress; with rule
-    ``"calibrated"`` before the model-wide decision, which needs every class).
+    ``"calibrated"`` before the model-wide decision, which needs every class). ``early``
+    gives classes already reduced and split (:func:`prepare_class`, run while extraction
+    was still going; :mod:`gate.ac.early`); the others are prepared here.
     """
     present = sorted(int(c) for c in np.unique(labels))
     wanted = present if classes is None else classes
@@ -170,7 +173,12 @@ def cluster_classes(
             trainings.append(ExreTraining(space, labels, config.seed, "knn"))
     done: list[ClassClustering | _Prepared] = []
     for c in wanted:
-        prep = _prepare(activations, labels, c, config, training, exre_hook)
+        split = early[c]() if early is not None and c in early else None
+        if split is None:
+            split = prepare_class(activations, np.flatnonzero(labels == c), c, config)
+        prep = split if isinstance(split, ClassClustering) else split.prepared(
+            Evidence(training, c, exre_hook)
+        )
         if isinstance(prep, _Prepared):
             if config.rule == "calibrated":
                 evs = [prep.ev, *(Evidence(t, c, None) for t in trainings[1:])]
@@ -206,8 +214,8 @@ def _skip(label: int, n: int, why: str) -> ClassClustering:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    """A class reduced and split in two, waiting for a rule's decision."""
+class Split:
+    """A class reduced and split in two (:func:`prepare_class`), before any rule."""
 
     label: int
     idx: npt.NDArray[np.int64]
@@ -215,23 +223,35 @@ class _Prepared:
     assign: npt.NDArray[np.int64]
     sil: float
     spectral: SpectralResult
-    ev: Evidence
-    scored: tuple[calibrated.Scored, ...] = ()
 
     @property
     def n(self) -> int:
         return len(self.idx)
 
+    def prepared(self, ev: Evidence) -> _Prepared:
+        return _Prepared(
+            self.label, self.idx, self.reduced, self.assign, self.sil, self.spectral, ev
+        )
 
-def _prepare(
+
+@dataclass(frozen=True)
+class _Prepared(Split):
+    """A split class with its ExRe evidence, waiting for a rule's decision."""
+
+    ev: Evidence
+    scored: tuple[calibrated.Scored, ...] = ()
+
+
+def prepare_class(
     acts: npt.NDArray[np.float32],
-    labels: npt.NDArray[np.int64],
+    idx: npt.NDArray[np.int64],
     label: int,
     cfg: ACConfig,
-    training: ExreTraining,
-    hook: ExreHook | None,
-) -> ClassClustering | _Prepared:
-    idx = np.flatnonzero(labels == label)
+    rows_of: npt.NDArray[np.int64] | None = None,
+) -> ClassClustering | Split:
+    """Reduce class ``label`` (rows ``idx``) and split it in two. ``acts[rows_of]`` are its
+    activations when ``acts`` holds only this class (default: ``acts[idx]``); needs nothing
+    of the other classes, so it can run before they are extracted."""
     n = len(idx)
     k = cfg.n_components
     if n == 0:
@@ -242,7 +262,7 @@ def _prepare(
             n,
             f"too small to cluster ({n} samples; need at least {2 * k + 2} for {k} components)",
         )
-    rows = class_rows(acts, idx, cfg.seed)
+    rows = class_rows(acts, idx if rows_of is None else rows_of, cfg.seed)
     if rows.width < 2:
         return _skip(label, n, "activations are constant")
     reduced, top = reduce_with_top(rows, min(k, rows.width, n - 1), cfg.reduction, cfg.seed)
@@ -255,8 +275,7 @@ def _prepare(
             label, n, 0.0, False, (), tuple(int(s) for s in sizes), spectral=spectral
         )
     sil = numeric.silhouette(reduced, assign, min(n, SILHOUETTE_SAMPLE), cfg.seed)
-    ev = Evidence(training, label, hook)
-    return _Prepared(label, idx, reduced, assign, sil, spectral, ev)
+    return Split(label, idx, reduced, assign, sil, spectral)
 
 
 def _rule_pick(

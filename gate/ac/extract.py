@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from gate.models.base import Array, ForwardResult, LoadedModel
 BATCH = 1024  # rows per forward batch at most; forward_batches also bounds them by memory
 HASH_CHUNK = 1 << 24  # bytes of input hashed at a time
 WINDOW = 16 << 20  # bytes of the file mapped at a time by a RowFile row gather
+# Sees each batch of extracted rows: (first row's position, rows); see stream_layers.
+RowsHook = Callable[[int, npt.NDArray[np.float32]], None]
 
 
 @dataclass
@@ -176,11 +179,15 @@ def stream_layers(
     progress: str | None = None,
     quiet: bool = True,
     order: npt.NDArray[np.int64] | None = None,
+    on_rows: RowsHook | None = None,
 ) -> list[Streamed]:
     """Forward ``x`` once in bounded batches (:func:`gate.activations.forward_batches`); each
     batch's activations of every requested layer are written straight to a file per layer,
     read back as a :class:`RowFile`. With ``order``, row ``i`` of the files (and of the
     predictions) is sample ``order[i]``.
+
+    ``on_rows(first, rows)`` sees each batch of the first request's rows once written (rows
+    ``first..`` in ``order``; the array is the hook's to keep).
 
     The caller owns the files (put them in a temporary ``directory`` that it removes). With
     ``progress`` (a label) and enough batches, progress goes to stderr unless ``quiet``.
@@ -212,6 +219,8 @@ def stream_layers(
                         f"in one batch and {widths[i]} in another"
                     )
                 fh.write(a.data)
+                if i == 0 and on_rows is not None:
+                    on_rows(start, a.copy())
             logits = np.asarray(res.outputs).reshape(len(a), -1)
             preds[start : start + len(a)] = logits.argmax(axis=1)
     return [
@@ -254,12 +263,15 @@ def cached_activations(
     progress: str | None = None,
     quiet: bool = True,
     order: npt.NDArray[np.int64] | None = None,
+    on_rows: RowsHook | None = None,
 ) -> list[Streamed]:
     """:func:`stream_layers` through ``cache``: keyed by the model's sha256, the data's hash,
     the layer, the pooling and ``order``. Hits are memory-mapped, not read into memory; the
     misses are streamed together in one pass."""
     if cache is None:
-        return stream_layers(model, x, requests, directory, BATCH, progress, quiet, order)
+        return stream_layers(
+            model, x, requests, directory, BATCH, progress, quiet, order, on_rows
+        )
     digest = input_hash or input_digest(x)
     tags: tuple[str, ...] = ()
     if order is not None:
@@ -278,7 +290,9 @@ def cached_activations(
     missing = [i for i, s in enumerate(out) if s is None]
     if missing:
         todo = [requests[i] for i in missing]
-        fresh = stream_layers(model, x, todo, directory, BATCH, progress, quiet, order)
+        # The hook is about the first request's rows: only when those are streamed.
+        hook = on_rows if missing[0] == 0 else None
+        fresh = stream_layers(model, x, todo, directory, BATCH, progress, quiet, order, hook)
         for i, streamed in zip(missing, fresh, strict=True):
             # The entry's "outputs" hold the predicted class (a float32 column), all AC needs.
             outputs = streamed.predictions.astype(np.float32)[:, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,7 @@ from gate.ac.clustering import (
     ClassClustering,
 )
 from gate.ac.config import EXRE_RULES
+from gate.ac.early import EarlyPrepare
 from gate.ac.extract import LayerRequest
 from gate.ac.options import ACOptions
 from gate.activations import ActivationCache
@@ -92,16 +94,24 @@ def activation_clustering(
             wanted_layers = [main_layer]
             if exre_layer is not None and exre_layer != main_layer:
                 wanted_layers.append(exre_layer)
-            got = cached_activations(
-                model, data.x, wanted_layers, tmp, cache, digest, "activations", opts.quiet, order
-            )
+            config = ac_config(policy, opts, seed)
+            # The same BLAS thread count as the clustering stage: classes prepared early are
+            # then bit-identical to those prepared late (a cache hit prepares them all late).
+            with (
+                thread_limit(clustering_threads(opts.threads)),
+                _early(config, opts, in_order) as early,
+            ):
+                got = cached_activations(
+                    model, data.x, wanted_layers, tmp, cache, digest, "activations", opts.quiet,
+                    order, early,
+                )  # fmt: skip
+            ready = early.results() if early is not None else None
             streamed = got[0]
             exre_x = None if exre_layer is None else got[-1].activations
         except ModelLoadError as exc:
             raise MismatchError(f"{exc} (does --data match the model's input?)") from None
         t1 = time.perf_counter()
         segments = streamed.predictions if opts.segment_by == "predicted" else in_order
-        config = ac_config(policy, opts, seed)
         present = sorted(int(c) for c in np.unique(segments))
         wanted = opts.classes.pick(present) if opts.classes is not None else present
         with (
@@ -119,6 +129,7 @@ def activation_clustering(
                 input_x=data.x if isinstance(data.x, np.ndarray) else None,
                 input_order=order,
                 input_tokens=isinstance(model, TextInput),
+                early=ready,
             )
         del streamed, exre_x
     finally:
@@ -179,6 +190,18 @@ def activation_clustering(
             for c in classes
         ],
     )
+
+
+def _early(
+    config: ACConfig, opts: ACOptions, in_order: np.ndarray
+) -> AbstractContextManager[EarlyPrepare | None]:
+    """Classes prepared while extraction runs (:mod:`gate.ac.early`), when the classes are
+    the labels (known before extraction), else nothing."""
+    if opts.segment_by == "predicted" or len(in_order) == 0:
+        return nullcontext()
+    present = sorted(int(c) for c in np.unique(in_order))
+    wanted = opts.classes.pick(present) if opts.classes is not None else present
+    return EarlyPrepare(np.asarray(in_order, dtype=np.int64), wanted, config)
 
 
 def class_order(labels: np.ndarray) -> np.ndarray | None:
