@@ -37,10 +37,11 @@ class EarlyPrepare:
         self._cfg = cfg
         present, starts = np.unique(labels, return_index=True)
         ends = np.append(starts[1:], len(labels))
+        chosen = set(wanted)
         self._spans = [
             (int(c), int(a), int(b))
             for c, a, b in zip(present, starts, ends, strict=True)
-            if int(c) in set(wanted)
+            if int(c) in chosen
         ]
         self._next = 0  # index into _spans of the class being collected
         self._parts: list[tuple[int, npt.NDArray[np.float32]]] = []

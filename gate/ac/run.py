@@ -112,8 +112,7 @@ def activation_clustering(
             raise MismatchError(f"{exc} (does --data match the model's input?)") from None
         t1 = time.perf_counter()
         segments = streamed.predictions if opts.segment_by == "predicted" else in_order
-        present = sorted(int(c) for c in np.unique(segments))
-        wanted = opts.classes.pick(present) if opts.classes is not None else present
+        present, wanted = _classes(segments, opts)
         with (
             thread_limit(clustering_threads(opts.threads)),
             Progress(len(wanted), "clustering", unit="classes", quiet=opts.quiet) as bar,
@@ -199,9 +198,14 @@ def _early(
     the labels (known before extraction), else nothing."""
     if opts.segment_by == "predicted" or len(in_order) == 0:
         return nullcontext()
-    present = sorted(int(c) for c in np.unique(in_order))
-    wanted = opts.classes.pick(present) if opts.classes is not None else present
+    wanted = _classes(in_order, opts)[1]
     return EarlyPrepare(np.asarray(in_order, dtype=np.int64), wanted, config)
+
+
+def _classes(segments: np.ndarray, opts: ACOptions) -> tuple[list[int], list[int]]:
+    """The classes present, and those to analyse (all, or the ones ``--classes`` picks)."""
+    present = sorted(int(c) for c in np.unique(segments))
+    return present, opts.classes.pick(present) if opts.classes is not None else present
 
 
 def class_order(labels: np.ndarray) -> np.ndarray | None:
