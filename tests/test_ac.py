@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gate.ac import transfer
 from gate.ac.clustering import SEPARATION_RULE, ACConfig, cluster_classes, separation
 from tests.conftest import assert_one_line_error, run_gate
 
@@ -102,8 +103,14 @@ def test_poison_found_on_poisoned_digits_model(poisoned: dict[str, Any], tmp_pat
     assert precision >= 0.9, precision
     for c in flagged:
         assert c["spectral"] is not None and c["exre_score"] is not None
-        # Below the default policy's alpha, or past its exre_log_odds on the ExRe layer.
-        assert c["p_value"] < 1e-6 or c["exre_log_odds"] > 7, (c["p_value"], c["exre_log_odds"])
+        # Below the default policy's alpha, or past its exre_log_odds on the ExRe layer, or
+        # found along the other flagged classes' trigger below its transfer_alpha.
+        taught = c["found_in"] == transfer.WHERE and c["p_value"] < 0.01
+        assert c["p_value"] < 1e-6 or c["exre_log_odds"] > 7 or taught, (
+            c["p_value"],
+            c["exre_log_odds"],
+            c["found_in"],
+        )
         assert c["reasons"]
     # Files written by the CLI next to report.json.
     csv = (out / "suspicious.csv").read_text().splitlines()

@@ -6,6 +6,7 @@ training, run on different xdist workers (``--dist loadfile``).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -120,18 +121,43 @@ def test_mlp_half_of_the_class_poisoned_all_to_one_is_flagged_and_sent_home() ->
     assert np.mean([relabels.get(i) == before[i] for i in poison]) >= 0.9
 
 
-def test_mlp_all_to_all_poisoning_is_flagged_in_most_classes() -> None:
+def test_mlp_all_to_all_poisoning_is_flagged_in_every_class() -> None:
     # Every class holds its own poison cluster (inverted corner pixels, l -> l + 1), found
-    # by k = 2, 3 and 4 alike: with those in the null, only 5 classes were flagged (F1
-    # 0.66); without each class's strongest cluster in it, 7 (F1 0.83, 3 rows wrongly).
+    # by k = 2, 3 and 4 alike. Judged on their own k-means candidates, 7 classes are flagged
+    # (F1 0.83); the other three are found along the trigger the seven teach (the input's
+    # direction from their moved rows to the classes ExRe put them in).
+    from dataclasses import replace
+
+    from gate.ac import transfer
+
     d, mask = _case_layers(arch="mlp", attack="invpix-a2a", rate=0.15)
     assert d["asr"] >= 0.8
     res = _calibrated(d)
     flagged = [c for c in res if c.flagged]
-    assert len(flagged) >= 7, [(c.label, c.p_value) for c in res]
-    assert _f1(res, mask) >= 0.8
+    assert len(flagged) == 10, [(c.label, c.p_value) for c in res]
+    assert _f1(res, mask) >= 0.95
     found = np.array(sorted({i for c in flagged for i in c.suspicious_indices}))
     assert mask[found].mean() >= 0.95
+    taught = [c for c in flagged if c.found_in == transfer.WHERE]
+    assert taught, "every class was flagged on its own candidates: the pass was not tested"
+    y = d["y"]
+    for c in taught:
+        assert c.p_value is not None and c.p_value < CALIBRATED.transfer_alpha
+        assert any("transfer_alpha" in r for r in c.reasons), c.reasons
+        # The poison of class l came from l - 1. Repair must take every poison row out of
+        # class l (that unlearns the trigger), and ExRe sends most of them back to l - 1;
+        # the rest go to other digits (12 to 18 of about 20 go home here).
+        relabels = dict(c.relabels)
+        poison = np.flatnonzero(mask & (y == c.label))
+        dest = [relabels.get(i) for i in poison]
+        assert all(t is not None and t != c.label for t in dest), dest
+        assert Counter(dest).most_common(1)[0][0] == (c.label - 1) % 10, dest
+    # Without the pass (a level nothing reaches) those classes stay unflagged.
+    off = replace(CALIBRATED, transfer_alpha=1e-300)
+    alone = cluster_classes(d["hidden"], y, off, exre_x=d["exre"], input_x=d["input"])
+    assert {c.label for c in alone if c.flagged} == {c.label for c in flagged} - {
+        c.label for c in taught
+    }
 
 
 def test_input_vote_is_not_swung_by_poison_left_in_its_training_rows() -> None:

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from gate.ac import calibrated, numeric
+from gate.ac import calibrated, numeric, transfer
 from gate.ac.candidates import Candidate, candidates, separation
 from gate.ac.config import (
     CHUNK,
@@ -167,6 +167,7 @@ def cluster_classes(
     wanted = present if classes is None else classes
     training = ExreTraining(activations if exre_x is None else exre_x, labels, config.seed)
     trainings = [training]
+    space = None
     if config.rule == "calibrated" and exre_hook is None and input_x is not None:
         space = calibrated.input_space(input_x, labels, config.seed, input_order, input_tokens)
         if space is not None:
@@ -201,12 +202,67 @@ def cluster_classes(
             strict=True,
         )
     )
-    return [
+    out = [
         d
         if isinstance(d, ClassClustering)
         else _calibrated(config, d, null, adjusted[d.label], len(preps))
         for d in done
     ]
+    if space is None:
+        return out
+    return _transferred(config, out, preps, null, space, labels, trainings[1:])
+
+
+def _transferred(
+    cfg: ACConfig,
+    results: list[ClassClustering],
+    preps: list[_Prepared],
+    null: calibrated.Null,
+    space: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int64],
+    more: list[ExreTraining],
+) -> list[ClassClustering]:
+    """Rule "calibrated", last pass (:mod:`gate.ac.transfer`): each unflagged class's rows
+    along the flagged classes' trigger in the input (``space``), one more candidate judged
+    against the same ``null`` (ExRe in the ExRe layer and the ``more`` spaces), Holm over
+    the classes it is offered in."""
+    flagged = [r for r in results if r.flagged]
+    moved = [(row, dest) for r in flagged for row, dest in r.relabels if dest != r.label]
+    done = {r.label for r in flagged}
+    open_ = [p for p in preps if p.label not in done]
+    offers = transfer.offers(
+        cfg,
+        space,
+        labels,
+        moved,
+        [(p.idx, p.reduced, [p.ev, *(Evidence(m, p.label, None) for m in more)]) for p in open_],
+    )
+    offered = [(p, s) for p, s in zip(open_, offers, strict=True) if s is not None]
+    ps = calibrated.holm(
+        [calibrated.p_value(null.score(s, moved_only=True), null.n_spaces) for _, s in offered]
+    )
+    teachers = ", ".join(str(r.label) for r in flagged)
+    new = {}
+    for (prep, s), p in zip(offered, ps, strict=True):
+        if p >= cfg.transfer_alpha:
+            continue
+        found = (
+            f"{len(s.members) / prep.n:.0%} of the class lies beyond half the trigger's shift "
+            f"along the trigger of flagged classes {teachers} (in the input)",
+            f"separation {s.cand.separation:.2f}",
+        )
+        new[prep.label] = _picked(
+            cfg,
+            prep,
+            s,
+            null.best_space(s, moved_only=True),
+            True,
+            null,
+            p,
+            found,
+            ("transfer_alpha", cfg.transfer_alpha),
+        )
+    return [new.get(r.label, r) for r in results]
 
 
 def _skip(label: int, n: int, why: str) -> ClassClustering:
@@ -307,7 +363,6 @@ def _calibrated(
     """Rule "calibrated", second pass: the class's best candidate against the model's null
     (``p``: the class's p-value, Holm-adjusted over the ``n_classes`` classes)."""
     best, space, flagged = calibrated.decide(cfg, prep.scored, null, p, n_classes)
-    relabel_from = None
     if best is None:
         small = int(np.argmin(np.bincount(prep.assign, minlength=2)))
         mask = prep.assign == small
@@ -316,37 +371,62 @@ def _calibrated(
         sep = separation(prep.reduced, mask.astype(np.int64))
         sizes = tuple(int(s) for s in np.bincount(prep.assign, minlength=2))
         pick = Pick(False, (), members, sep, sizes, lp, source, odds, prep.assign, prep.reduced)
-        pick = replace(pick, found_in="layer")
-    else:
-        cand, verdict = best.cand, best.verdicts[space]
-        relabel_from = verdict
-        size, n = len(best.members), prep.n
-        reasons: tuple[str, ...] = (
-            f"k-means cluster (k={cand.k}, {cand.where}) holds {size / n:.0%} of the class",
-            f"separation {cand.separation:.2f} > {cfg.separation_threshold}",
-            f"{_evidence_text(best)} (source {verdict.source}); "
-            f"this model's null (its candidates, each class's strongest left out): "
-            f"{null.describe()}",
-            f"calibrated score {null.score(best, moved_only=True):.2f}, p {p:.2g} "
-            "(Holm over the classes) "
-            f"({'<' if p < cfg.alpha else '>='} alpha {cfg.alpha:g})",
-        )
-        if flagged and p >= cfg.alpha:
-            reasons = (*reasons, "flagged on rule exre's thresholds for the ExRe layer")
-        pick = Pick(
-            flagged,
-            reasons,
-            best.members,
-            cand.separation,
-            (n - size, size),
-            verdict.lp,
-            verdict.source,
-            verdict.log_odds,
-            cand.mask.astype(np.int64),
-            cand.reduced,
-            cand.where,
-        )
-    return replace(_finish(cfg, prep, pick, relabel_from), p_value=float(f"{p:.6g}"))
+        return replace(_finish(cfg, prep, replace(pick, found_in="layer")), p_value=_p6(p))
+    cand = best.cand
+    found = (
+        f"k-means cluster (k={cand.k}, {cand.where}) holds {len(best.members) / prep.n:.0%} "
+        "of the class",
+        f"separation {cand.separation:.2f} > {cfg.separation_threshold}",
+    )
+    return _picked(cfg, prep, best, space, flagged, null, p, found)
+
+
+def _picked(
+    cfg: ACConfig,
+    prep: _Prepared,
+    best: calibrated.Scored,
+    space: int,
+    flagged: bool,
+    null: calibrated.Null,
+    p: float,
+    found: tuple[str, ...],
+    level: tuple[str, float] | None = None,
+) -> ClassClustering:
+    """The class's result for candidate ``best`` on the verdict of ``space`` (``found``: the
+    reasons that say where the candidate came from; ``level``: the significance level its
+    ``p`` is held to, by name, default ``alpha``)."""
+    name, alpha = level or ("alpha", cfg.alpha)
+    cand, verdict = best.cand, best.verdicts[space]
+    size, n = len(best.members), prep.n
+    reasons: tuple[str, ...] = (
+        *found,
+        f"{_evidence_text(best)} (source {verdict.source}); "
+        f"this model's null (its candidates, each class's strongest left out): "
+        f"{null.describe()}",
+        f"calibrated score {null.score(best, moved_only=True):.2f}, p {p:.2g} "
+        "(Holm over the classes) "
+        f"({'<' if p < alpha else '>='} {name} {alpha:g})",
+    )
+    if flagged and p >= alpha:
+        reasons = (*reasons, "flagged on rule exre's thresholds for the ExRe layer")
+    pick = Pick(
+        flagged,
+        reasons,
+        best.members,
+        cand.separation,
+        (n - size, size),
+        verdict.lp,
+        verdict.source,
+        verdict.log_odds,
+        cand.mask.astype(np.int64),
+        cand.reduced,
+        cand.where,
+    )
+    return replace(_finish(cfg, prep, pick, verdict), p_value=_p6(p))
+
+
+def _p6(p: float) -> float:
+    return float(f"{p:.6g}")
 
 
 def _evidence_text(best: calibrated.Scored) -> str:

@@ -53,6 +53,7 @@ ISOLATED_SEPARATION = 7.0
 
 # Rule "calibrated": see gate.ac.calibrated and bench/README.md for where it comes from.
 CALIBRATED_ALPHA = 1e-6
+TRANSFER_ALPHA = 0.01
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class ACConfig:
     # Rule "calibrated": flag a class whose best candidate has a p-value below this against
     # the model's own candidates (gate.ac.calibrated).
     alpha: float = CALIBRATED_ALPHA
+    # Rule "calibrated", last pass (gate.ac.transfer): flag an unflagged class whose rows
+    # along the flagged classes' trigger have a p-value below this. Looser than ``alpha``:
+    # it runs only on a model that already has a flagged class, so it cannot fail a model
+    # that would otherwise pass; it decides which rows are poison.
+    transfer_alpha: float = TRANSFER_ALPHA
     # Rule "calibrated": how the spaces' z combine. "max" (Bonferroni over the spaces): an
     # MLP's poison can stand out in the input only (bench/README.md, issue 15).
     combine: Literal["mean", "max"] = "max"

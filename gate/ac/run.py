@@ -241,6 +241,7 @@ def ac_config(policy: ActivationClusteringPolicy, opts: ACOptions, seed: int = 0
         reduction=opts.reduction,
         rule="calibrated" if policy.rule == "calibrated" else "exre" if exre else "separation",
         alpha=policy.alpha,
+        transfer_alpha=policy.transfer_alpha,
         # Rules other than "exre" judge the smaller side of a split only.
         max_poison_fraction=policy.max_poison_fraction
         if exre

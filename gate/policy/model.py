@@ -125,7 +125,19 @@ class ActivationClusteringPolicy(_Strict):
             "nominal (a normal reference for the robust z of the class's best candidate "
             "among the model's candidates, Bonferroni over the class's candidates), hence "
             "small; the lowest class p-value of 20 clean models of the benchmark is "
-            "1.9e-4 (bench/results/ac-cases.md)."
+            "2.2e-5 (bench/results/ac-cases.md)."
+        ),
+    )
+    transfer_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description=(
+            "Rule 'calibrated', once a class is flagged: an unflagged class whose rows "
+            "along the flagged classes' trigger (in the input) ExRe moves to another class "
+            "is flagged below this p-value (Holm over the classes offered). It runs only on "
+            "a model that already has a flagged class, so it never fails a model that would "
+            "otherwise pass; it finds the rest of an all-to-all poisoning."
         ),
     )
     n_components: int = Field(

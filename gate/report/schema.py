@@ -85,8 +85,8 @@ class ClassReport(_Model):
     suspected_source: int | None = None
     found_in: str | None = Field(
         default=None,
-        description="rule exre: where the reported cluster was found, 'layer' (the clustered "
-        "layer) or 'exre layer'",
+        description="where the reported cluster was found: 'layer' (the clustered layer), "
+        "'exre layer', or (rule calibrated) 'input, along the flagged classes' trigger'",
     )
     spectral: SpectralReport | None = None
     p_value: float | None = Field(
