@@ -449,7 +449,7 @@ def _case_results(case: Any, d: dict[str, Any], old: dict[str, Any] | None = Non
 
 # Cached results from another version of the calibrated rule are recomputed (the default
 # rule's part and the repair retraining, when repaired.npz would be the same, are kept).
-VERSION = "holm-exre-knn-corroborated-trimmed-moved-spaces"
+VERSION = "holm-exre-knn-corroborated-trimmed-moved-spaces-transfer"
 
 
 def _load_done(cache_dir: Path, current: bool = True) -> dict[str, Any]:
