@@ -16,6 +16,7 @@ Output is printed and written to bench/results/ac.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -586,6 +587,89 @@ def run_repair(cases: list[Any], done: dict[str, Any], cache: Path) -> None:
         if oks:
             print(f"\n* {name}: target met in {sum(oks)} of {len(oks)}; median ASR after repair {np.median(asrs[name]):.2f}")
     print()
+    run_repair_seeds(cases, done, group)
+
+
+# Training seeds of the repair check beyond the case's own (seed 0's numbers are the table above).
+REPAIR_SEEDS = (1, 2)
+
+
+def _repair_seed_key(case: Any, s: dict[str, Any]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([s["repair_rows"], s["repair_labels"]]).encode()).hexdigest()[:16]
+    return f"{case.key}:{digest}"
+
+
+def repair_seeds(cases: list[Any], done: dict[str, Any], shard: tuple[int, int] | None = None) -> None:
+    """Retrain raw and repaired data with each of REPAIR_SEEDS (cached per case and repair
+    rows in repair-seeds[-i].json): one seed's clean accuracy moves by about a point when a
+    few dozen rows change, so the target is judged on the median over seeds as well."""
+    import ac_cases as AC
+
+    cache = AC.CACHE / ("repair-seeds.json" if shard is None else f"repair-seeds-{shard[0]}.json")
+    mine: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
+    have = _repair_seed_results()
+    todo = [c for c in cases if c.key in done and "repaired" in done[c.key]]
+    if shard is not None:
+        todo = todo[shard[0] :: shard[1]]
+    for case in todo:
+        s = done[case.key]["calibrated"]
+        key = _repair_seed_key(case, s)
+        if key in have:
+            continue
+        t0 = time.perf_counter()
+        x, y, _ = AC.poisoned(case)
+        rows = np.asarray(s["repair_rows"], dtype=np.int64)
+        labels = np.asarray(s["repair_labels"], dtype=np.int64)
+        out = {}
+        for seed in REPAIR_SEEDS:
+            raw = AC.attack_success(AC.train(x, y, case.dataset, case.arch, seed), case)
+            rep = AC.attack_success(AC.train(x[rows], labels, case.dataset, case.arch, seed), case)
+            out[str(seed)] = [*raw, *rep]
+        have[key] = mine[key] = out
+        cache.write_text(json.dumps(mine, sort_keys=True))
+        print(f"{case.key} repair seeds: {time.perf_counter() - t0:.0f} s", file=sys.__stdout__, flush=True)
+
+
+def _repair_seed_results() -> dict[str, Any]:
+    import ac_cases as AC
+
+    out: dict[str, Any] = {}
+    for f in sorted(AC.CACHE.glob("repair-seeds*.json")):
+        out.update(json.loads(f.read_text()))
+    return out
+
+
+def run_repair_seeds(cases: list[Any], done: dict[str, Any], group: Any) -> None:
+    repair_seeds(cases, done)
+    have = _repair_seed_results()
+    print("### Repair over three training seeds\n")
+    print(f"The same check with training seeds 0 (the table above) and {', '.join(map(str, REPAIR_SEEDS))}: for each "
+          "seed the recipe is trained on the raw data and on repaired.npz's rows, and the cost is that seed's raw "
+          "clean accuracy minus its repaired one. Medians over the three seeds; target met: median ASR after "
+          "repair < 0.10 and median cost <= 1 point.\n")
+    print("| case | held out | ASR raw (median) | ASR repaired (median, max) | cost, points (per seed) | target met |")
+    print("|---|---|---|---|---|---|")
+    met: dict[str, list[bool]] = {}
+    for case in cases:
+        r = done.get(case.key)
+        if r is None or "repaired" not in r:
+            continue
+        extra = have.get(_repair_seed_key(case, r["calibrated"]))
+        if extra is None:
+            continue
+        runs = [(r["acc"], r["asr"], *r["repaired"])] + [tuple(extra[str(s)]) for s in REPAIR_SEEDS]
+        asr_raw = float(np.median([v[1] for v in runs]))
+        asr_rep = [v[3] for v in runs]
+        cost = [100 * (v[0] - v[2]) for v in runs]
+        ok = float(np.median(asr_rep)) < 0.10 and float(np.median(cost)) <= 1.0
+        met.setdefault(group(case), []).append(ok)
+        print(f"| {case.key} | {group(case)} | {asr_raw:.2f} | {np.median(asr_rep):.2f}, {max(asr_rep):.2f} "
+              f"| {np.median(cost):+.1f} ({', '.join(f'{c:+.1f}' for c in cost)}) | {'yes' if ok else 'no'} |")
+    for name, oks in met.items():
+        print(f"\n* {name}: target met in {sum(oks)} of {len(oks)} (median over seeds)")
+    print()
 
 
 class _Tee:
@@ -625,6 +709,10 @@ def main() -> None:
         i, n = (int(v) for v in args.shard.split("/"))
         sys.path.insert(0, str(REPO / "bench"))
         run_cases(repair=not args.no_repair, budget=args.budget, shard=(i, n))
+        if not args.no_repair:
+            import ac_cases as AC
+
+            repair_seeds(AC.all_cases(), _load_done(AC.CACHE), shard=(i, n))
         return
     out = (results / ("ac-cases.md" if args.cases_only else "ac.md")).open("w", encoding="utf-8")
     sys.stdout = _Tee(sys.__stdout__, out)
