@@ -143,7 +143,7 @@ def test_mlp_all_to_all_poisoning_is_flagged_in_every_class() -> None:
     y = d["y"]
     for c in taught:
         assert c.p_value is not None and c.p_value < CALIBRATED.transfer_alpha
-        assert any("transfer_alpha" in r for r in c.reasons), c.reasons
+        assert any("transfer_alpha" in r and "classes offered" in r for r in c.reasons), c.reasons
         # The poison of class l came from l - 1. Repair must take every poison row out of
         # class l (that unlearns the trigger), and ExRe sends most of them back to l - 1;
         # the rest go to other digits (12 to 18 of about 20 go home here).

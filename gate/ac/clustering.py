@@ -260,7 +260,7 @@ def _transferred(
             null,
             p,
             found,
-            ("transfer_alpha", cfg.transfer_alpha),
+            ("transfer_alpha", cfg.transfer_alpha, f"the {len(offered)} classes offered"),
         )
     return [new.get(r.label, r) for r in results]
 
@@ -390,12 +390,12 @@ def _picked(
     null: calibrated.Null,
     p: float,
     found: tuple[str, ...],
-    level: tuple[str, float] | None = None,
+    level: tuple[str, float, str] | None = None,
 ) -> ClassClustering:
     """The class's result for candidate ``best`` on the verdict of ``space`` (``found``: the
     reasons that say where the candidate came from; ``level``: the significance level its
-    ``p`` is held to, by name, default ``alpha``)."""
-    name, alpha = level or ("alpha", cfg.alpha)
+    ``p`` is held to, by name, and what Holm ran over; default ``alpha``, the classes)."""
+    name, alpha, over = level or ("alpha", cfg.alpha, "the classes")
     cand, verdict = best.cand, best.verdicts[space]
     size, n = len(best.members), prep.n
     reasons: tuple[str, ...] = (
@@ -404,7 +404,7 @@ def _picked(
         f"this model's null (its candidates, each class's strongest left out): "
         f"{null.describe()}",
         f"calibrated score {null.score(best, moved_only=True):.2f}, p {p:.2g} "
-        "(Holm over the classes) "
+        f"(Holm over {over}) "
         f"({'<' if p < alpha else '>='} {name} {alpha:g})",
     )
     if flagged and p >= alpha:
